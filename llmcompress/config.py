@@ -1,0 +1,475 @@
+"""Typed config schemas, one per stage, and the one place configs are validated.
+
+A schema is a dataclass whose fields carry their default and a one-line help (`opt`). `load_config` reads
+YAML (safe_load only), applies `--set key.path=value` overrides, and converts the mapping into the schema,
+rejecting unknown keys, wrong types and out-of-range values with a `ConfigError` that names the file, the key
+path and what was expected. Validation happens once, here, at the edge; stages trust the object they get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError, UserError
+
+_UNSET = object()
+
+
+def opt(default=_UNSET, help: str = "", *, factory=None, **checks) -> Any:
+    """A schema field: default (or factory for lists/dicts), a one-line help, and checks
+    (ge, gt, le, lt on numbers; min_len on lists/strings)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Invalid(Exception):
+    """Raised by a schema's `check()` for a cross-field rule; `from_dict` adds the file and key prefix."""
+
+    def __init__(self, key: str, expected: str, got=_UNSET):
+        super().__init__(key, expected)
+        self.key, self.expected, self.got = key, expected, got
+
+
+def _join(prefix: str, key) -> str:
+    if isinstance(key, int):
+        return f"{prefix}[{key}]"
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of str to {_describe(args[1])}"
+    if is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value, tp, source: str, path: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _convert(value, arm, source, path)
+            except ConfigError:
+                continue
+        raise ConfigError(source, path, _describe(tp), value)
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(source, path, _describe(tp), value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, path, _describe(tp), value)
+        return [_convert(v, args[0], source, _join(path, i)) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, path, _describe(tp), value)
+        return {str(k): _convert(v, args[1], source, _join(path, k)) for k, v in value.items()}
+    if is_dataclass(tp):
+        return from_dict(tp, value, source, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(source, path, _describe(tp), value)
+
+
+def _check_range(value, meta: dict, source: str, path: str) -> None:
+    if value is None:
+        return
+    bounds = {"ge": (lambda v, b: v >= b, ">= "), "gt": (lambda v, b: v > b, "> "),
+              "le": (lambda v, b: v <= b, "<= "), "lt": (lambda v, b: v < b, "< ")}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        wanted = [f"{sym}{meta[k]}" for k, (ok, sym) in bounds.items() if k in meta and not ok(value, meta[k])]
+        if wanted:
+            allowed = " and ".join(f"{sym}{meta[k]}" for k, (_, sym) in bounds.items() if k in meta)
+            raise ConfigError(source, path, f"a value {allowed}", value)
+    if "min_len" in meta and hasattr(value, "__len__") and len(value) < meta["min_len"]:
+        raise ConfigError(source, path, f"at least {meta['min_len']} item(s)", value)
+
+
+def from_dict(cls, data, source: str = "<config>", prefix: str = ""):
+    """Build schema `cls` from a plain mapping, validating every key, type and range."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, prefix, f"a mapping ({cls.__name__})", data)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(source, _join(prefix, key),
+                              f"a known key{hint}; allowed: {', '.join(sorted(known))}", has_got=False)
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        path = _join(prefix, name)
+        value = _convert(data[name], hints[name], source, path)
+        _check_range(value, f.metadata, source, path)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()
+        except Invalid as e:
+            got = e.got
+            raise ConfigError(source, _join(prefix, e.key), e.expected, got, has_got=got is not _UNSET) from None
+    return obj
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value`; the value is read as YAML so `3`, `true`, `[a, b]` and `null` get their types."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {text!r}: expected key.path=value with a non-empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str]]:
+    keys = []
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        keys.append(key)
+    return data, keys
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", "a YAML mapping at the top level", data)
+    return data
+
+
+def load_config(cls, path: Optional[Path] = None, overrides: Optional[list[str]] = None):
+    """Read `path` (optional: defaults alone are a valid config), apply `--set` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data = read_yaml(path) if path else {}
+    data, keys = apply_overrides(data, list(overrides or []))
+    try:
+        return from_dict(cls, data, source)
+    except ConfigError as e:
+        if any(e.key == k or e.key.startswith(k + ".") or e.key.startswith(k + "[") for k in keys):
+            raise ConfigError("--set", e.key, e.expected, e.got, has_got=e.has_got) from None
+        raise
+
+
+def schema_rows(cls, prefix: str = "", instance=None) -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, help) for every leaf key: the README's config table and `--help` read this.
+    Defaults come from an instance, so a nested section's stage-specific defaults show as they apply."""
+    instance = cls() if instance is None else instance
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        path = _join(prefix, f.name)
+        value = getattr(instance, f.name)
+        if is_dataclass(tp):
+            rows.extend(schema_rows(tp, path, value))
+            continue
+        rows.append((path, _describe(tp), repr(value), f.metadata.get("help", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m", "Hugging Face id, local model/artifact directory, .gguf file, or the "
+                    "embedded default 'smollm2-135m' (SmolLM2-135M-Instruct)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt(
+        "auto", "weights/compute dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    device: str = opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) for a hub id")
+    trust_remote_code: bool = opt(False, "run Python code shipped with a hub model; off unless you trust it")
+
+    def check(self):
+        if not self.name.strip():
+            raise Invalid("name", "a model id, path or 'smollm2-135m'", self.name)
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise Invalid("device", "auto, cpu, cuda or cuda:N", self.device)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("builtin:alpaca_en_demo", "dataset: builtin:NAME (shipped in the package), a .txt/.json/"
+                      ".jsonl/.tsv/.csv file, or a hub dataset 'name' / 'name:config'")
+    split: str = opt("train", "split for hub datasets")
+    template: str = opt("", "Python format string over a row's fields, e.g. '{instruction}\\n{output}'; "
+                        "empty = the 'text' field, or all string fields joined")
+    num_samples: int = opt(128, "rows to use", ge=1)
+    max_length: int = opt(512, "tokens per sample (longer samples are truncated)", ge=8)
+    shuffle: bool = opt(True, "sample rows at random (seeded) rather than the first N")
+
+
+BUILTIN_DATA = {
+    "wikitext2_test": "wikitext2_test.txt",
+    "alpaca_en_demo": "alpaca_en_demo.json",
+    "gsm8k_train": "gsm8k_train_400.jsonl",
+    "gsm8k_test": "gsm8k_test_250.jsonl",
+    "sst2_train": "sst2_train_2000.tsv",
+    "sst2_dev": "sst2_dev.tsv",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _default_calib_data() -> DataConfig:
+    return DataConfig(source="builtin:alpaca_en_demo", num_samples=64, max_length=512)
+
+
+@dataclass
+class CalibrateConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="the model to calibrate")
+    data: DataConfig = opt(factory=_default_calib_data, help="calibration samples (never an evaluation split)")
+    batch_size: int = opt(8, "samples per forward pass", ge=1)
+    percentiles: list[float] = opt(factory=lambda: [99.0, 99.9, 99.99], help="activation |x| percentiles to record")
+    histogram_bins: int = opt(2048, "bins of each per-layer |x| histogram (bounds observer memory)", ge=16)
+    weights: bool = opt(True, "also record weight statistics")
+    kv_cache: bool = opt(True, "record k_proj/v_proj outputs for KV-cache scales")
+    seed: int = opt(0, "seed for sampling rows")
+
+    def check(self):
+        for i, p in enumerate(self.percentiles):
+            if not 0.0 < p <= 100.0:
+                raise Invalid(f"percentiles[{i}]", "a percentile in (0, 100]", p)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantize
+
+
+@dataclass
+class WeightQuantConfig:
+    format: Literal["int8", "int4", "fp8", "none"] = opt("int8", "weight number format")
+    symmetric: bool = opt(True, "symmetric (zero point 0) or asymmetric")
+    granularity: Literal["tensor", "channel", "group"] = opt("channel", "one scale per tensor, output channel, "
+                                                             "or group of input columns")
+    group_size: int = opt(128, "columns per group when granularity is 'group' (a ragged last group is allowed)",
+                          ge=1)
+    observer: Literal["minmax", "percentile", "clip", "mse", "kl"] = opt("minmax", "how a range becomes a scale")
+    percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
+    clip_threshold: Optional[float] = opt(None, "fixed |x| clipping threshold T for the 'clip' observer", gt=0.0)
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = opt("float16", "dtype the scales are stored in")
+
+    def check(self):
+        if self.observer == "clip" and self.clip_threshold is None:
+            raise Invalid("clip_threshold", "a threshold T > 0 when observer is 'clip'", None)
+
+
+@dataclass
+class ActivationQuantConfig:
+    format: Literal["none", "int8", "fp8"] = opt("int8", "activation number format; none = weight-only")
+    dynamic: bool = opt(True, "per-token scales computed at run time (true) or static per-tensor scales from "
+                        "the calibration artifact (false)")
+    observer: Literal["minmax", "percentile", "mse", "kl"] = opt("minmax", "observer for static scales")
+    percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
+
+
+@dataclass
+class KVCacheQuantConfig:
+    format: Literal["none", "int8", "fp8"] = opt("none", "KV-cache number format")
+    granularity: Literal["tensor", "head"] = opt("tensor", "one scale per tensor or per KV head")
+
+
+@dataclass
+class QuantizeConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="model to quantize when the input is not a calibration "
+                             "artifact (a calibration artifact names its own model)")
+    method: Literal["rtn", "gptq", "awq"] = opt("rtn", "weight quantization algorithm")
+    weights: WeightQuantConfig = opt(factory=WeightQuantConfig, help="weight quantization")
+    activations: ActivationQuantConfig = opt(factory=ActivationQuantConfig, help="activation quantization")
+    kv_cache: KVCacheQuantConfig = opt(factory=KVCacheQuantConfig, help="KV-cache quantization")
+    include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize")
+    exclude: list[str] = opt(factory=lambda: ["lm_head", "*embed*"], help="patterns kept in high precision")
+    seed: int = opt(0, "seed for anything random")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+@dataclass
+class PerplexityConfig:
+    enabled: bool = opt(False, "measure perplexity (also turned on by --ppl)")
+    dataset: str = opt("builtin:wikitext2_test", "text to score: builtin:NAME, a text file, or a hub dataset")
+    split: str = opt("test", "split for hub datasets")
+    seq_len: int = opt(2048, "window length (capped at the model's context)", ge=8)
+    stride: Optional[int] = opt(None, "sliding-window stride; null = non-overlapping windows", ge=1)
+    max_tokens: Optional[int] = opt(None, "score at most this many tokens (quick runs)", ge=16)
+    batch_size: int = opt(1, "windows per forward pass", ge=1)
+
+
+@dataclass
+class TasksConfig:
+    names: list[str] = opt(factory=list, help="lm-eval task names (shipped local tasks or stock hub tasks)")
+    limit: Optional[int] = opt(None, "examples per task (quick runs)", ge=1)
+    num_fewshot: Optional[int] = opt(None, "few-shot examples", ge=0)
+    batch_size: int = opt(8, "requests per forward pass", ge=1)
+
+
+@dataclass
+class SpeedConfig:
+    enabled: bool = opt(False, "measure latency/throughput/memory (also turned on by --speed)")
+    prompt_lengths: list[int] = opt(factory=lambda: [512, 2048], help="prefill lengths")
+    batch_sizes: list[int] = opt(factory=lambda: [1, 8], help="decode batch sizes")
+    new_tokens: int = opt(32, "tokens generated per decode measurement", ge=1)
+    warmup: int = opt(1, "untimed warm-up repetitions", ge=0)
+    repeats: int = opt(3, "timed repetitions (the median is reported)", ge=1)
+
+
+@dataclass
+class GatesConfig:
+    max_ppl_increase_pct: Optional[float] = opt(None, "fail if perplexity rises more than this % over baseline")
+    min_task_retention_pct: Optional[float] = opt(None, "fail if any task keeps less than this % of baseline "
+                                                  "accuracy", ge=0.0)
+    min_decode_speedup: Optional[float] = opt(None, "fail if decode tokens/s speedup over baseline is lower",
+                                              gt=0.0)
+    max_size_ratio: Optional[float] = opt(None, "fail if checkpoint size / baseline size is larger", gt=0.0)
+    max_ppl: Optional[float] = opt(None, "fail if perplexity is above this absolute value", gt=0.0)
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="model evaluated when no --input artifact is given")
+    baseline: Optional[str] = opt(None, "model or artifact to compare with (enables the comparison table)")
+    ppl: PerplexityConfig = opt(factory=PerplexityConfig, help="perplexity")
+    tasks: TasksConfig = opt(factory=TasksConfig, help="downstream accuracy through lm-eval")
+    speed: SpeedConfig = opt(factory=SpeedConfig, help="speed, memory, latency")
+    gates: GatesConfig = opt(factory=GatesConfig, help="thresholds; a miss exits 1")
+    seed: int = opt(0, "seed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# distill-data
+
+
+def _default_prompts() -> DataConfig:
+    return DataConfig(source="builtin:gsm8k_train", template="{question}", num_samples=32, max_length=256)
+
+
+@dataclass
+class DistillDataConfig:
+    teacher: ModelConfig = opt(factory=ModelConfig, help="the teacher LLM that writes the data")
+    prompts: DataConfig = opt(factory=_default_prompts, help="where prompts come from")
+    styles: dict[str, float] = opt(factory=lambda: {"cot": 1.0}, help="task mix: style -> weight; styles: "
+                                   "plain, cot, structured, multiturn")
+    answer_field: Optional[str] = opt("answer", "field holding a gold answer for answer checking (null = none)")
+    check_answers: bool = opt(True, "keep only responses whose final number matches the gold answer")
+    min_new_tokens: int = opt(1, "minimum generated tokens", ge=0)
+    max_new_tokens: int = opt(192, "maximum generated tokens", ge=1)
+    do_sample: bool = opt(True, "sample (true) or greedy (false)")
+    temperature: float = opt(0.7, "sampling temperature", gt=0.0)
+    top_p: float = opt(0.95, "nucleus sampling mass", gt=0.0, le=1.0)
+    samples_per_prompt: int = opt(1, "responses generated per prompt", ge=1)
+    batch_size: int = opt(8, "prompts per generate() call (left-padded, KV cache on)", ge=1)
+    dedup: bool = opt(True, "drop exact duplicate responses")
+    save_logits: bool = opt(False, "store the teacher's top-k log-probs of every generated token")
+    logits_top_k: int = opt(16, "k for stored log-probs", ge=1)
+    seed: int = opt(0, "seed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train-student
+
+
+@dataclass
+class TrainStudentConfig:
+    teacher: ModelConfig = opt(factory=ModelConfig, help="teacher for online KD and layer-initialised students")
+    student: str = opt("", "student HF id/path; empty = built from the teacher by keeping every k-th layer")
+    keep_every: int = opt(2, "k: keep every k-th teacher layer for a built student", ge=1)
+    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE", ge=0.0, le=1.0)
+    temperature: float = opt(2.0, "softmax temperature T of the KD term", gt=0.0)
+    kd_source: Literal["online", "stored"] = opt("online", "teacher logits from a live teacher or stored top-k")
+    max_length: int = opt(384, "tokens per training sequence", ge=8)
+    steps: int = opt(50, "optimizer steps", ge=1)
+    batch_size: int = opt(4, "sequences per micro-batch", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    warmup_steps: int = opt(5, "linear warm-up steps before cosine decay", ge=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
+    eval_every: int = opt(25, "held-out evaluation every N steps", ge=1)
+    save_every: int = opt(25, "checkpoint every N steps", ge=1)
+    eval_fraction: float = opt(0.1, "fraction of rows held out", gt=0.0, lt=1.0)
+    seed: int = opt(0, "seed")
+
+
+STAGE_CONFIGS = {
+    "distill-data": DistillDataConfig,
+    "train-student": TrainStudentConfig,
+    "calibrate": CalibrateConfig,
+    "quantize": QuantizeConfig,
+    "evaluate": EvaluateConfig,
+}

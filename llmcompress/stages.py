@@ -1,0 +1,140 @@
+"""The five stages, how each finds its input, and the one driver that runs a stage into an artifact.
+
+A stage is `run(cfg, out_dir, inputs, reporter) -> summary dict`: it writes files into `out_dir` (a temporary
+directory), knows nothing of the terminal, and raises UserError for bad input. `run_stage` wraps it with the
+artifact writer (manifest, hashes, atomic rename) and the cache key that `llmc run` uses to skip work.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from .artifacts import Artifact, ArtifactWriter, clean_stale, is_artifact, read_artifact, sha256_json
+from .config import STAGE_CONFIGS, ModelConfig, from_dict, to_dict
+from .errors import ArtifactError, UserError
+from .progress import Reporter
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    entry: str  # "module:function"
+    default_output: str
+    default_input: Optional[str]  # stage whose default output feeds this one when --input is omitted
+    accepts: tuple[str, ...]  # artifact stages accepted as --input
+    model_key: Optional[str]  # the config field naming the model this stage loads ("model", "teacher")
+
+    @property
+    def fn(self) -> Callable:
+        mod, func = self.entry.split(":")
+        return getattr(importlib.import_module(mod), func)
+
+
+STAGES = {
+    "distill-data": StageSpec("distill-data", "llmcompress.distill.generate:run", "runs/distill-data",
+                              None, (), "teacher"),
+    "train-student": StageSpec("train-student", "llmcompress.distill.train:run", "runs/train-student",
+                               "distill-data", ("distill-data",), "teacher"),
+    "calibrate": StageSpec("calibrate", "llmcompress.quant.calibrate:run", "runs/calibrate",
+                           None, ("train-student",), "model"),
+    "quantize": StageSpec("quantize", "llmcompress.quant.quantize:run", "runs/quantize",
+                          "calibrate", ("calibrate", "train-student"), "model"),
+    "evaluate": StageSpec("evaluate", "llmcompress.eval.evaluate:run", "runs/evaluate",
+                          "quantize", ("quantize", "train-student"), "model"),
+}
+
+
+@dataclass
+class StageInputs:
+    """What a stage consumes: the input artifact (if any), the model to load, and the calibration artifact."""
+
+    artifact: Optional[Artifact] = None
+    model: Optional[ModelConfig] = None
+    calibration: Optional[Artifact] = None
+
+
+def model_of_artifact(art: Artifact, fallback: ModelConfig) -> ModelConfig:
+    """The model an artifact stands for: a model-holding artifact is itself a model directory; a calibration
+    artifact names the model it measured."""
+    if art.stage in ("train-student", "quantize"):
+        return replace(fallback, name=str(art.path))
+    if art.stage == "calibrate":
+        return from_dict(ModelConfig, art.manifest["config"]["model"], f"{art.path}/manifest.json", "config.model")
+    raise ArtifactError(f"{art.path}: a {art.stage} artifact holds no model")
+
+
+def resolve_inputs(spec: StageSpec, cfg, input_path: Optional[Path], say: Callable[[str], None]) -> StageInputs:
+    """Find the stage's input: the explicit --input, else the previous stage's default output if it exists,
+    else the model named in the config. Says in one line which it took."""
+    model_cfg = getattr(cfg, spec.model_key) if spec.model_key else None
+    if input_path is None and spec.default_input:
+        default = Path(STAGES[spec.default_input].default_output)
+        if is_artifact(default):
+            input_path = default
+            say(f"{spec.name}: no --input given; reading the {spec.default_input} artifact at {default}")
+        elif spec.default_input == "distill-data":
+            raise UserError(f"{spec.name}: no --input given and no {spec.default_input} artifact at {default}; "
+                            f"run `llmc {spec.default_input}` first or pass --input")
+    if input_path is None:
+        if model_cfg is not None:
+            say(f"{spec.name}: no input artifact; using model {model_cfg.name!r} from the config")
+        return StageInputs(model=model_cfg)
+    input_path = Path(input_path)
+    if not is_artifact(input_path):
+        if spec.model_key is None or spec.name == "train-student":
+            raise ArtifactError(f"{input_path}: not an llmc artifact (manifest.json missing)")
+        # a plain model directory (or hub id) as the input of a model-consuming stage
+        return StageInputs(model=replace(model_cfg, name=str(input_path)))
+    art = read_artifact(input_path, spec.accepts or None)
+    inputs = StageInputs(artifact=art)
+    if spec.model_key is not None and art.stage != "distill-data":
+        inputs.model = model_of_artifact(art, model_cfg)
+    elif spec.model_key is not None:
+        inputs.model = model_cfg
+    if art.stage == "calibrate":
+        inputs.calibration = art
+    return inputs
+
+
+def cache_key(stage: str, cfg, inputs: StageInputs) -> str:
+    """Content hash of the resolved config and the input manifests: equal keys mean the same work."""
+    return sha256_json({
+        "stage": stage,
+        "config": to_dict(cfg),
+        "input": inputs.artifact.manifest_sha256 if inputs.artifact else None,
+        "model": to_dict(inputs.model) if inputs.model else None,
+    })
+
+
+def up_to_date(out: Path, key: str) -> bool:
+    if not is_artifact(out):
+        return False
+    try:
+        art = read_artifact(out)
+    except ArtifactError:
+        return False
+    return art.manifest.get("cache_key") == key
+
+
+def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional[Reporter] = None,
+              key: Optional[str] = None) -> Artifact:
+    spec = STAGES[name]
+    reporter = reporter or Reporter()
+    out = Path(out)
+    clean_stale(out)
+    key = key or cache_key(name, cfg, inputs)
+    fn = spec.fn
+    inputs_list = [a for a in (inputs.artifact,) if a is not None]
+    with ArtifactWriter(out, name, to_dict(cfg), inputs=inputs_list, cache_key=key) as writer:
+        summary = fn(cfg, writer.dir, inputs, reporter) or {}
+        writer.summary = summary
+        if inputs.model is not None:
+            writer.meta["model"] = to_dict(inputs.model)
+    return read_artifact(out, verify_hashes=False)
+
+
+def stage_config_class(name: str):
+    return STAGE_CONFIGS[name]
