@@ -126,6 +126,10 @@ def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional
     out = Path(out)
     clean_stale(out)
     key = key or cache_key(name, cfg, inputs)
+    if inputs.model is not None:
+        from .models import resolve_model
+
+        resolve_model(inputs.model.name)  # a missing model is bad input: refuse before any work
     fn = spec.fn
     inputs_list = [a for a in (inputs.artifact,) if a is not None]
     with ArtifactWriter(out, name, to_dict(cfg), inputs=inputs_list, cache_key=key) as writer:
