@@ -344,10 +344,45 @@ class KVCacheQuantConfig:
 
 
 @dataclass
+class GPTQConfig:
+    damp: float = opt(0.01, "percdamp: λ = damp · mean(diag H) added to H's diagonal before inverting", ge=0.0)
+    block_size: int = opt(128, "columns per lazy batch update (GPTQ's blocksize)", ge=1)
+    act_order: bool = opt(False, "quantize columns in order of decreasing diag(H) (activation order)")
+    static_groups: bool = opt(True, "with act_order and group scales: fix every group's scale before reordering, "
+                              "so the checkpoint keeps contiguous groups (no g_idx) and the kernels serve it")
+    true_sequential: bool = opt(True, "within a decoder layer, quantize q/k/v, then o, then gate/up, then down, "
+                                "each on inputs produced by the already-quantized sublayers")
+
+    def check(self):
+        if self.block_size % 2:
+            raise Invalid("block_size", "an even number of columns", self.block_size)
+
+
+@dataclass
+class AWQConfig:
+    grid: int = opt(20, "number of α values searched in [0, 1) for s = x̄^α (α = 0 is scale 1)", ge=1)
+    duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α")
+    search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
+    clip_search: bool = opt(False, "after scaling, search each group's clip ratio on the output error")
+
+
+@dataclass
+class SmoothQuantConfig:
+    enabled: bool = opt(False, "migrate activation outliers into the weights before W8A8 (SmoothQuant)")
+    alpha: float = opt(0.5, "migration strength α in s_j = max|X_j|^α / max|W_j|^(1−α)", ge=0.0, le=1.0)
+    alpha_grid: list[float] = opt(factory=list, help="if non-empty, α is searched per layer over these values on "
+                                  "the quantized output error (alpha is then unused)")
+    mlp_down: bool = opt(True, "also smooth down_proj inputs by folding into up_proj")
+
+
+@dataclass
 class QuantizeConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="model to quantize when the input is not a calibration "
                              "artifact (a calibration artifact names its own model)")
     method: Literal["rtn", "gptq", "awq"] = opt("rtn", "weight quantization algorithm")
+    gptq: GPTQConfig = opt(factory=GPTQConfig, help="GPTQ settings (method: gptq)")
+    awq: AWQConfig = opt(factory=AWQConfig, help="AWQ settings (method: awq)")
+    smoothquant: SmoothQuantConfig = opt(factory=SmoothQuantConfig, help="SmoothQuant before W8A8")
     weights: WeightQuantConfig = opt(factory=WeightQuantConfig, help="weight quantization")
     activations: ActivationQuantConfig = opt(factory=ActivationQuantConfig, help="activation quantization")
     kv_cache: KVCacheQuantConfig = opt(factory=KVCacheQuantConfig, help="KV-cache quantization")
