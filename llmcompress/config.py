@@ -102,6 +102,8 @@ def _convert(value, tp, source: str, path: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(source, path, "a finite number", value)
             return float(value)
     elif tp is str:
         if isinstance(value, str):

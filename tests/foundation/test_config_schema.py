@@ -78,3 +78,11 @@ def test_set_errors_name_the_override():
     assert str(e.value).startswith("--set: weights.group_size")
     with pytest.raises(UserError):
         parse_override("no-equals-sign")
+
+
+def test_nan_and_inf_rejected(tmp_path):
+    from llmcompress.config import EvaluateConfig
+
+    for text in ("gates:\n  max_ppl_increase_pct: .nan\n", "gates:\n  max_ppl_increase_pct: .inf\n"):
+        with pytest.raises(ConfigError, match="finite"):
+            load_config(EvaluateConfig, write(tmp_path, text))
