@@ -72,6 +72,9 @@ def _convert(value, tp, source: str, path: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own message is the precise one
+            return _convert(value, arms[0], source, path)
         for arm in args:
             if arm is type(None):
                 continue
@@ -350,8 +353,8 @@ class GPTQConfig:
     damp: float = opt(0.01, "percdamp: λ = damp · mean(diag H) added to H's diagonal before inverting", ge=0.0)
     block_size: int = opt(128, "columns per lazy batch update (GPTQ's blocksize)", ge=1)
     act_order: bool = opt(False, "quantize columns in order of decreasing diag(H) (activation order)")
-    static_groups: bool = opt(True, "with act_order and group scales: fix every group's scale before reordering, "
-                              "so the checkpoint keeps contiguous groups (no g_idx) and the kernels serve it")
+    static_groups: bool = opt(False, "fix every group's scale from the original W before any update; act_order "
+                              "always does, so groups stay contiguous in the checkpoint (no g_idx) for the kernels")
     true_sequential: bool = opt(True, "within a decoder layer, quantize q/k/v, then o, then gate/up, then down, "
                                 "each on inputs produced by the already-quantized sublayers")
 
