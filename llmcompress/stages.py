@@ -8,6 +8,9 @@ artifact writer (manifest, hashes, atomic rename) and the cache key that `llmc r
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,6 +19,7 @@ from .artifacts import Artifact, ArtifactWriter, clean_stale, is_artifact, read_
 from .config import STAGE_CONFIGS, ModelConfig, from_dict, to_dict
 from .errors import ArtifactError, UserError
 from .progress import Reporter
+from .resources import activation_bytes, check_fits, peak_rss_bytes, weights_bytes
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,14 @@ STAGES = {
 
 @dataclass
 class StageInputs:
-    """What a stage consumes: the input artifact (if any), the model to load, and the calibration artifact."""
+    """What a stage consumes: the input artifact (if any), the model to load, and the calibration artifact.
+    `work_dir` is a stable scratch directory keyed by the cache key (shards, checkpoints): it survives a failed
+    or killed run so a rerun with the same config resumes from it, and is removed once the artifact is complete."""
 
     artifact: Optional[Artifact] = None
     model: Optional[ModelConfig] = None
     calibration: Optional[Artifact] = None
+    work_dir: Optional[Path] = None
 
 
 def model_of_artifact(art: Artifact, fallback: ModelConfig) -> ModelConfig:
@@ -75,7 +82,7 @@ def resolve_inputs(spec: StageSpec, cfg, input_path: Optional[Path], say: Callab
         if is_artifact(default):
             input_path = default
             say(f"{spec.name}: no --input given; reading the {spec.default_input} artifact at {default}")
-        elif spec.default_input == "distill-data":
+        elif spec.default_input == "distill-data" and getattr(cfg, "task", "generative") == "generative":
             raise UserError(f"{spec.name}: no --input given and no {spec.default_input} artifact at {default}; "
                             f"run `llmc {spec.default_input}` first or pass --input")
     if input_path is None:
@@ -126,18 +133,52 @@ def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional
     out = Path(out)
     clean_stale(out)
     key = key or cache_key(name, cfg, inputs)
+    estimate = None
     if inputs.model is not None:
         from .models import resolve_model
 
-        resolve_model(inputs.model.name)  # a missing model is bad input: refuse before any work
+        source = resolve_model(inputs.model.name)  # a missing model is bad input: refuse before any work
+        estimate = memory_estimate(name, cfg, inputs.model, source)
+        if estimate is not None:
+            check_fits(estimate, f"{name} on {inputs.model.name}")
     fn = spec.fn
+    inputs = replace(inputs, work_dir=out.parent / f".{out.name}.work-{key[:16]}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        # under torchrun every rank runs the stage; only rank 0 writes the artifact and removes the work dir
+        with tempfile.TemporaryDirectory() as scratch:
+            summary = fn(cfg, Path(scratch), inputs, reporter) or {}
+        return Artifact(out, {"stage": name, "summary": summary})
     inputs_list = [a for a in (inputs.artifact,) if a is not None]
     with ArtifactWriter(out, name, to_dict(cfg), inputs=inputs_list, cache_key=key) as writer:
         summary = fn(cfg, writer.dir, inputs, reporter) or {}
         writer.summary = summary
         if inputs.model is not None:
             writer.meta["model"] = to_dict(inputs.model)
+        writer.meta["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        if estimate is not None:
+            writer.meta["memory_estimate_mb"] = round(estimate / 2**20, 1)
+    for stale in out.parent.glob(f".{out.name}.work-*"):  # this run's, and those of older configs
+        shutil.rmtree(stale, ignore_errors=True)
     return read_artifact(out, verify_hashes=False)
+
+
+def memory_estimate(stage: str, cfg, model_cfg: ModelConfig, source) -> Optional[int]:
+    """Bytes a stage needs at peak (see resources.py), or None when the model is not a local directory."""
+    from .models import resolve_device, resolve_dtype
+
+    if not isinstance(source, Path) or not source.is_dir():
+        return None
+    width = resolve_dtype(model_cfg.dtype, resolve_device(model_cfg.device)).itemsize
+    weights = weights_bytes(source, width)
+    if weights is None:
+        return None
+    if stage == "evaluate":
+        batch, seq = cfg.ppl.batch_size, cfg.ppl.seq_len
+    else:
+        data = getattr(cfg, "data", None) or getattr(cfg, "prompts", None)
+        batch, seq = getattr(cfg, "batch_size", 1), getattr(data, "max_length", getattr(cfg, "max_length", 512))
+    factor = 3.0 if stage == "train-student" else 1.2  # training: weights + grads + Adam moments, for a student
+    return int(weights * factor + activation_bytes(source, batch, seq))
 
 
 def stage_config_class(name: str):
