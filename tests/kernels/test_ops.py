@@ -1,0 +1,244 @@
+"""The llmc int8/int4 ops against their float64 reference on fresh random data (never zeros), ragged shapes
+included, plus torch.library.opcheck on every compiled op. CUDA cases skip, visibly, without a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmcompress.kernels import ops
+from llmcompress.kernels import reference as ref
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
+# M = 1, 3, 17, 129 against K, N that are not multiples of 64 (200, 576, 1536, 49) and some that are
+SHAPES = [(1, 576, 49), (3, 200, 576), (17, 1536, 200), (129, 576, 1536), (4, 4096, 128), (129, 200, 49)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    """Every tensor the ops allocate with empty() starts as NaN, so an unwritten element fails the test."""
+    old = torch.utils.deterministic.fill_uninitialized_memory
+    det, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = old
+    torch.use_deterministic_algorithms(det, warn_only=warn)
+
+
+def rel_err(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all(), "non-finite (unwritten?) output"
+    return ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item()
+
+
+# Output rounding dominates: bf16 keeps 8 bits, fp16 11, fp32 24 (plus accumulation order).
+TOL = {torch.float32: 2e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
+
+
+def compiled(device: str) -> bool:
+    return ops.backend(device) != "reference"
+
+
+def test_backend_reports_compiled_cpu_path():
+    assert ops.backend("cpu").startswith("cpu-"), "the CPU extension did not build or load"
+
+
+# ------------------------------------------------------------------ per-token quantizer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 200), (17, 1536), (129, 33)])
+def test_quantize_per_token_bit_exact(device, dtype, m, k):
+    x = (torch.randn(m, k, device=device) * torch.rand(m, 1, device=device) * 10).to(dtype)
+    x[m // 2] = 0  # an all-zero row gets scale 1 and q = 0
+    q, s = ops.quantize_per_token(x)
+    q_ref, s_ref = ref.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == (m, k) and s.shape == (m,)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref), f"{(q != q_ref).sum().item()} codes differ"
+    assert s[m // 2].item() == 1.0 and (q[m // 2] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_static_scale_and_leading_dims(device):
+    x = torch.randn(2, 5, 200, device=device) * 4
+    scale = torch.tensor(0.02, device=device)
+    q, s = ops.quantize_per_token(x, scale)
+    q_ref, _ = ref.quantize_per_token(x, scale)
+    assert q.shape == (10, 200) and torch.equal(q, q_ref) and (s == 0.02).all()
+    assert q.abs().max().item() == 127  # values past the static range clamp
+
+
+# ------------------------------------------------------------------ W8A8
+
+
+def random_w8(n: int, k: int, device: str):
+    w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)  # -128 too: kernels must be exact
+    w_scale = torch.rand(n, device=device) * 0.01 + 1e-3
+    return w_q, w_scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_w8a8_mm(device, m, k, n, out_dtype):
+    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+    x_scale = torch.rand(m, device=device) * 0.1 + 1e-3
+    w_q, w_scale = random_w8(n, k, device)
+    bias = torch.randn(n, device=device) if m % 2 else None
+    y = ops.w8a8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    y_ref = ref.w8a8_mm(x_q.cpu(), x_scale.cpu(), w_q.cpu(), w_scale.cpu(), None if bias is None else bias.cpu(),
+                        torch.float64, compute_dtype=torch.float64)
+    assert y.dtype == out_dtype and y.shape == (m, n) and y.device.type == device
+    assert rel_err(y.cpu(), y_ref) < TOL[out_dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_linear(device, dtype, static):
+    x = (torch.randn(3, 7, 576, device=device) * 2).to(dtype)
+    w_q, w_scale = random_w8(200, 576, device)
+    bias = torch.randn(200, device=device)
+    x_scale = torch.tensor(0.05, device=device) if static else None
+    y = ops.w8a8_linear(x, w_q, w_scale, bias, x_scale)
+    y_ref = ref.w8a8_linear(x.cpu(), w_q.cpu(), w_scale.cpu(), bias.cpu(), None if x_scale is None else x_scale.cpu(),
+                            compute_dtype=torch.float64)
+    assert y.dtype == dtype and y.shape == (3, 7, 200)
+    assert rel_err(y.cpu(), y_ref) < TOL[dtype]
+
+
+# ------------------------------------------------------------------ W4A16
+
+
+def random_w4(n: int, k: int, group_size: int, asym: bool, device: str, scale_dtype=torch.float32):
+    g = -(-k // group_size)
+    qweight = torch.randint(0, 256, (n, (k + 1) // 2), dtype=torch.uint8, device=device)
+    scales = (torch.rand(n, g, device=device) * 0.02 + 1e-3).to(scale_dtype)
+    zeros = torch.randint(0, 16, (n, g), dtype=torch.uint8, device=device) if asym else None
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("asym", [False, True])
+def test_w4a16_linear(device, m, k, n, group_size, asym):
+    dtype = [torch.bfloat16, torch.float16, torch.float32][(m + group_size // 32) % 3]
+    qweight, scales, zeros = random_w4(n, k, group_size, asym, device, scale_dtype=dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if asym else None
+    packed = ops.pack_w4a16(qweight, scales, zeros, group_size)
+    y = ops.w4a16_linear(x, packed, bias)
+    y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(), group_size,
+                             None if bias is None else bias.cpu(), compute_dtype=torch.float64)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y.cpu(), y_ref) < TOL[dtype] + (3e-3 if device == "cuda" and dtype != torch.float16 else 0)
+
+
+@pytest.mark.parametrize("k", [575, 1])
+def test_w4a16_odd_k_cpu(k):
+    """Odd K: the last byte's high nibble is padding; CPU kernels and the reference both accept it."""
+    qweight, scales, zeros = random_w4(33, k, 32, True, "cpu")
+    x = torch.randn(5, k)
+    y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, 32))
+    y_ref = ref.w4a16_linear(x, qweight, scales, zeros, 32, compute_dtype=torch.float64)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+
+
+def test_int4_pack_roundtrip():
+    codes = torch.randint(0, 16, (7, 13), dtype=torch.uint8)
+    assert torch.equal(ref.unpack_int4(ref.pack_int4(codes), 13), codes)
+    byte = ref.pack_int4(torch.tensor([[3, 12]], dtype=torch.uint8))
+    assert byte.item() == 3 | (12 << 4)  # even k in the low nibble
+
+
+def test_w4a16_rejects_impossible_shapes():
+    qweight, scales, zeros = random_w4(16, 256, 128, True, "cpu")
+    with pytest.raises(ValueError, match="group_size"):
+        ops.pack_w4a16(qweight, scales, zeros, 3)
+    with pytest.raises(ValueError, match="groups"):
+        ops.pack_w4a16(qweight, scales[:, :1], zeros[:, :1], 64)
+    with pytest.raises(ValueError, match="zeros"):
+        ops.pack_w4a16(qweight, scales, zeros.int(), 128)
+    packed = ops.pack_w4a16(qweight, scales, zeros, 128)
+    with pytest.raises(ValueError, match="features"):
+        ops.w4a16_linear(torch.randn(2, 200), packed)
+
+
+def test_w8a8_rejects_mismatched_k():
+    if not compiled("cpu"):
+        pytest.skip("compiled CPU kernels unavailable")
+    w_q, w_scale = random_w8(8, 64, "cpu")
+    with pytest.raises(RuntimeError, match="K differs"):
+        torch.ops.llmc.w8a8_mm(torch.zeros(2, 32, dtype=torch.int8), torch.ones(2), w_q, w_scale, None, torch.float32)
+
+
+# ------------------------------------------------------------------ opcheck and torch.compile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not compiled(device):
+        pytest.skip(f"no compiled kernels for {device}")
+    x = torch.randn(5, 576, device=device, dtype=torch.bfloat16)
+    q, s = ops.quantize_per_token(x)
+    w_q, w_scale = random_w8(49, 576, device)
+    qweight, scales, zeros = random_w4(64, 576, 128, True, device, scale_dtype=torch.bfloat16)
+    packed = ops.pack_w4a16(qweight, scales, zeros, 128)
+    bias = torch.randn(49, device=device)
+    torch.library.opcheck(torch.ops.llmc.quantize_int8.default, (x, None))
+    torch.library.opcheck(torch.ops.llmc.quantize_int8.default, (x, torch.tensor(0.1, device=device)))
+    torch.library.opcheck(torch.ops.llmc.w8a8_mm.default, (q, s, w_q, w_scale, bias, torch.bfloat16))
+    torch.library.opcheck(torch.ops.llmc.w8a8_mm.default, (q, s, w_q, w_scale, None, torch.float32))
+    torch.library.opcheck(torch.ops.llmc.w4a16_mm.default,
+                          (x, packed.qweight, packed.scales, packed.zeros, 128, None))
+
+
+def test_torch_compile_traces_ops():
+    if not compiled("cpu"):
+        pytest.skip("compiled CPU kernels unavailable")
+    qweight, scales, zeros = random_w4(64, 256, 64, False, "cpu")
+    packed = ops.pack_w4a16(qweight, scales, zeros, 64)
+    w_q, w_scale = random_w8(32, 64, "cpu")
+
+    def f(x):
+        return ops.w8a8_linear(ops.w4a16_linear(x, packed), w_q, w_scale)
+
+    x = torch.randn(3, 256)
+    torch._dynamo.reset()
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(y, f(x))
+
+
+# ------------------------------------------------------------------ every CPU instruction set
+
+
+def test_generic_isa_matches_reference():
+    """The portable path (LLMC_CPU_ISA=generic) in a fresh process: same results on ragged shapes."""
+    if not compiled("cpu"):
+        pytest.skip("compiled CPU kernels unavailable")
+    code = """
+import torch
+from llmcompress.kernels import ops, reference as ref
+assert ops.backend("cpu") == "cpu-generic", ops.backend("cpu")
+torch.manual_seed(1)
+x = torch.randn(5, 200)
+q, s = ops.quantize_per_token(x); assert torch.equal(q, ref.quantize_per_token(x)[0])
+w = torch.randint(-128, 128, (49, 200), dtype=torch.int8); ws = torch.rand(49)
+y = ops.w8a8_mm(q, s, w, ws, None, torch.float32); r = ref.w8a8_mm(q, s, w, ws, None, torch.float64, torch.float64)
+assert ((y.double() - r).norm() / r.norm()) < 1e-5
+qw = torch.randint(0, 256, (49, 100), dtype=torch.uint8); sc = torch.rand(49, 4); z = torch.randint(0, 16, (49, 4), dtype=torch.uint8)
+y = ops.w4a16_linear(x, ops.pack_w4a16(qw, sc, z, 64)); r = ref.w4a16_linear(x, qw, sc, z, 64, compute_dtype=torch.float64)
+assert ((y.double() - r).norm() / r.norm()) < 1e-5
+print("ok")
+"""
+    env = dict(os.environ, LLMC_CPU_ISA="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
