@@ -133,6 +133,8 @@ def _guard(fn, debug: bool):
         if debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if len(msg) > 300:  # some library errors put a whole dump on one line
+            msg = msg[:300] + " ..."
         err_console.print(f"[bold red]failed:[/] {e.__class__.__name__}: {msg} (rerun with --debug for the "
                           f"traceback)", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(3)
