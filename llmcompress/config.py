@@ -459,50 +459,129 @@ def _default_prompts() -> DataConfig:
     return DataConfig(source="builtin:gsm8k_train", template="{question}", num_samples=32, max_length=256)
 
 
+DISTILL_STYLES = ("plain", "cot", "structured", "multiturn")
+
+
+@dataclass
+class DifficultyConfig:
+    min_prompt_tokens: int = opt(0, "drop prompts shorter than this many tokens (before the chat template)", ge=0)
+    max_prompt_tokens: Optional[int] = opt(None, "drop prompts longer than this (null = prompts.max_length)", ge=1)
+    field: Optional[str] = opt(None, "metadata field to filter on: a number, or a string whose non-empty lines "
+                               "not starting with '####' are counted (GSM8K 'answer' = solution steps)")
+    min: Optional[float] = opt(None, "keep rows whose field value is >= this")
+    max: Optional[float] = opt(None, "keep rows whose field value is <= this")
+
+    def check(self):
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < self.min_prompt_tokens:
+            raise Invalid("max_prompt_tokens", f"a value >= min_prompt_tokens ({self.min_prompt_tokens})",
+                          self.max_prompt_tokens)
+        if (self.min is not None or self.max is not None) and not self.field:
+            raise Invalid("field", "a metadata field name when min or max is set", self.field)
+        if self.min is not None and self.max is not None and self.max < self.min:
+            raise Invalid("max", f"a value >= min ({self.min})", self.max)
+
+
 @dataclass
 class DistillDataConfig:
     teacher: ModelConfig = opt(factory=ModelConfig, help="the teacher LLM that writes the data")
-    prompts: DataConfig = opt(factory=_default_prompts, help="where prompts come from")
-    styles: dict[str, float] = opt(factory=lambda: {"cot": 1.0}, help="task mix: style -> weight; styles: "
-                                   "plain, cot, structured, multiturn")
-    answer_field: Optional[str] = opt("answer", "field holding a gold answer for answer checking (null = none)")
-    check_answers: bool = opt(True, "keep only responses whose final number matches the gold answer")
+    prompts: DataConfig = opt(factory=_default_prompts, help="where prompts come from (prompts longer than "
+                              "prompts.max_length tokens are dropped, not truncated)")
+    styles: dict[str, float] = opt(factory=lambda: {"cot": 1.0}, help="task mix: style -> weight (prompts are "
+                                   "split in these proportions); styles: plain, cot, structured, multiturn")
+    system_prompt: Optional[str] = opt(None, "system message; null = the chat template's default")
+    followup: str = opt("Now give only the final answer, in one short sentence.",
+                        "the second user turn of the multiturn style")
+    difficulty: DifficultyConfig = opt(factory=DifficultyConfig, help="filters on prompt length or metadata")
+    answer_field: Optional[str] = opt("answer", "field holding a gold answer for answer checking (null = none); "
+                                      "GSM8K style: the number after '####'")
+    check_answers: bool = opt(True, "keep only responses whose final number matches the gold answer "
+                              "(rejection sampling); rows without a gold answer are kept")
     min_new_tokens: int = opt(1, "minimum generated tokens", ge=0)
     max_new_tokens: int = opt(192, "maximum generated tokens", ge=1)
     do_sample: bool = opt(True, "sample (true) or greedy (false)")
     temperature: float = opt(0.7, "sampling temperature", gt=0.0)
     top_p: float = opt(0.95, "nucleus sampling mass", gt=0.0, le=1.0)
+    top_k: int = opt(0, "sample only from the k most likely tokens (0 = off)", ge=0)
     samples_per_prompt: int = opt(1, "responses generated per prompt", ge=1)
-    batch_size: int = opt(8, "prompts per generate() call (left-padded, KV cache on)", ge=1)
-    dedup: bool = opt(True, "drop exact duplicate responses")
-    save_logits: bool = opt(False, "store the teacher's top-k log-probs of every generated token")
+    batch_size: int = opt(8, "sequences per generate() call (left-padded, KV cache on)", ge=1)
+    dedup: bool = opt(True, "drop rows whose (prompt, response) repeats an earlier row (whitespace-normalised)")
+    save_logits: bool = opt(False, "store the teacher's top-k log-probs of every generated token (safetensors)")
     logits_top_k: int = opt(16, "k for stored log-probs", ge=1)
-    seed: int = opt(0, "seed")
+    shard_rows: int = opt(1000, "rows per output JSONL shard", ge=1)
+    seed: int = opt(0, "seed (prompt sampling, style assignment, and one generation seed per batch)")
+
+    def check(self):
+        for name, w in self.styles.items():
+            if name not in DISTILL_STYLES:
+                raise Invalid(f"styles.{name}", "one of " + ", ".join(DISTILL_STYLES), name)
+            if w < 0:
+                raise Invalid(f"styles.{name}", "a weight >= 0", w)
+        if not self.styles or sum(self.styles.values()) <= 0:
+            raise Invalid("styles", "at least one style with a weight > 0", self.styles)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise Invalid("min_new_tokens", f"a value <= max_new_tokens ({self.max_new_tokens})",
+                          self.min_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # train-student
 
 
+def _sst2_train() -> DataConfig:
+    return DataConfig(source="builtin:sst2_train", num_samples=512, max_length=96)
+
+
+def _sst2_dev() -> DataConfig:
+    return DataConfig(source="builtin:sst2_dev", num_samples=872, max_length=96, shuffle=False)
+
+
+@dataclass
+class ClassificationConfig:
+    train: DataConfig = opt(factory=_sst2_train, help="labelled or unlabelled text the student learns from "
+                            "(the teacher's soft labels are the target; gold labels are not used for training)")
+    eval: DataConfig = opt(factory=_sst2_dev, help="labelled held-out text for accuracy (never a training split)")
+    text_field: str = opt("sentence", "field holding the text")
+    label_field: Optional[str] = opt("label", "field holding the gold label index (null = none: no accuracy)")
+    verbalizers: list[str] = opt(factory=lambda: ["negative", "positive"], min_len=2,
+                                 help="label index -> word the teacher scores by log-likelihood")
+    prompt: str = opt("Review: {text}\nIs the sentiment of this movie review positive or negative? "
+                      "Answer with one word.", "user message the teacher answers ({text} = the example)")
+    keep_every: int = opt(6, "the classifier student keeps every k-th teacher layer (unless `student` is set)",
+                          ge=1)
+    teacher_batch_size: int = opt(16, "examples per teacher scoring forward pass", ge=1)
+    latency_examples: int = opt(32, "examples timed one at a time for per-example latency", ge=1)
+
+
 @dataclass
 class TrainStudentConfig:
+    task: Literal["generative", "classification"] = opt(
+        "generative", "generative: a causal-LM student on distill-data rows; classification: a classifier "
+        "student on the teacher's soft labels (see classification.*)")
     teacher: ModelConfig = opt(factory=ModelConfig, help="teacher for online KD and layer-initialised students")
     student: str = opt("", "student HF id/path; empty = built from the teacher by keeping every k-th layer")
-    keep_every: int = opt(2, "k: keep every k-th teacher layer for a built student", ge=1)
-    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE", ge=0.0, le=1.0)
+    keep_every: int = opt(2, "k: keep teacher layers 0, k, 2k, ... for a built student (DistilBERT-style init)",
+                          ge=1)
+    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE (α = 0: sequence distillation)",
+                       ge=0.0, le=1.0)
     temperature: float = opt(2.0, "softmax temperature T of the KD term", gt=0.0)
-    kd_source: Literal["online", "stored"] = opt("online", "teacher logits from a live teacher or stored top-k")
-    max_length: int = opt(384, "tokens per training sequence", ge=8)
+    kd_source: Literal["online", "stored"] = opt("online", "teacher logits from a live teacher or the top-k "
+                                                 "log-probs stored by distill-data (save_logits: true)")
+    kd_tail: Literal["bucket", "renormalize"] = opt("bucket", "stored top-k: the tail mass as one extra outcome, "
+                                                    "or renormalise over the top-k and drop it")
+    max_length: int = opt(384, "tokens per training sequence (longer rows are truncated)", ge=8)
     steps: int = opt(50, "optimizer steps", ge=1)
-    batch_size: int = opt(4, "sequences per micro-batch", ge=1)
+    batch_size: int = opt(4, "sequences per micro-batch (per process under torchrun)", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0.0)
+    min_lr_ratio: float = opt(0.1, "cosine decays the learning rate to lr * min_lr_ratio", ge=0.0, le=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
     warmup_steps: int = opt(5, "linear warm-up steps before cosine decay", ge=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
-    eval_every: int = opt(25, "held-out evaluation every N steps", ge=1)
-    save_every: int = opt(25, "checkpoint every N steps", ge=1)
+    bf16: bool = opt(True, "bfloat16 autocast on CUDA (CPU always runs float32)")
+    eval_every: int = opt(25, "held-out evaluation every N steps (and at the end)", ge=1)
+    save_every: int = opt(25, "checkpoint every N steps into the work dir (a rerun resumes from the last)", ge=1)
     eval_fraction: float = opt(0.1, "fraction of rows held out", gt=0.0, lt=1.0)
+    classification: ClassificationConfig = opt(factory=ClassificationConfig, help="task: classification")
     seed: int = opt(0, "seed")
 
 
