@@ -1,0 +1,214 @@
+"""The `llmc quantize` stage: a float model (and, for static activation scales, a calibration artifact) in,
+a quantized checkpoint out, with a per-layer error table and the size before/after.
+
+Library use, without artifacts:   qmodel, rows = quantize_model(model, QuantizeConfig(...))
+Algorithms plug in through METHODS: a method maps (model, {name: Linear}, spec, make_observer, reporter) to
+{name: QuantizedWeight}; RTN quantizes each Linear on its own, GPTQ/AWQ may run layer by layer on calibration
+data (see layerwise.py). Everything after that (QuantLinear swap, checkpoint, report) is shared.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from llmcompress.config import QuantizeConfig, WeightQuantConfig
+from llmcompress.errors import UserError
+from llmcompress.progress import Reporter
+
+from . import calibrate as calib
+from .checkpoint import WEIGHTS_FILE, save_quantized, swap_in
+from .formats import QuantSpec
+from .observers import Observer, make_observer
+from .qlinear import INT8_ACT_MAX, QuantLinear, Scheme, int4_layout_group_size
+from .rtn import QuantizedWeight, error_stats, quantize_weight
+
+FP8_ACT_MAX = 448.0
+
+
+# ------------------------------------------------------------------------------------------ config -> specs
+
+def weight_spec(w: WeightQuantConfig) -> QuantSpec:
+    """The QuantSpec a weights config asks for (int4 asymmetric uses unsigned codes 0..15 with a zero point)."""
+    dtype = {"int8": "int8", "int4": "int4" if w.symmetric else "uint4", "fp8": "fp8_e4m3"}[w.format]
+    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype)
+
+
+def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
+    kwargs = {"percentile": {"percentile": w.percentile}, "clip": {"threshold": w.clip_threshold},
+              "mse": {}, "minmax": {}, "kl": {}}[w.observer]
+    return lambda spec: make_observer(w.observer, spec, **kwargs)
+
+
+def check_config(cfg: QuantizeConfig, has_calibration: bool) -> None:
+    """Refuse, before any work, what cannot work; everything else (ragged groups included) is served."""
+    w, a = cfg.weights, cfg.activations
+    if cfg.method not in METHODS:
+        raise UserError(f"method: {cfg.method!r} is not implemented yet; available: {', '.join(METHODS)}")
+    if w.format == "none":
+        raise UserError("weights.format: 'none' leaves nothing to quantize (KV-cache-only quantization is not "
+                        "implemented yet)")
+    if cfg.kv_cache.format != "none":
+        raise UserError("kv_cache.format: KV-cache quantization is not implemented yet; set it to 'none'")
+    try:
+        weight_spec(w)
+    except ValueError as e:
+        raise UserError(f"weights: {e}") from None
+    if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
+        raise UserError(f"weights.group_size: int4 needs an even group size (two codes per byte), got "
+                        f"{w.group_size}")
+    if a.format == "int8":
+        if w.format != "int8":
+            raise UserError(f"activations.format: int8 activations run on the W8A8 int8 kernel and need "
+                            f"weights.format int8, got {w.format!r} (use activations.format: none for W4A16)")
+        if not w.symmetric or w.granularity == "group":
+            raise UserError("weights: W8A8 needs symmetric per-channel or per-tensor weights "
+                            "(weights.symmetric: true, weights.granularity: channel)")
+    if a.format == "fp8" and w.format != "fp8":
+        raise UserError(f"activations.format: fp8 activations need weights.format fp8, got {w.format!r}")
+    if a.format != "none" and not a.dynamic and not has_calibration:
+        raise UserError("activations.dynamic: false needs static scales from a calibration artifact; run "
+                        "`llmc calibrate` and pass it as --input, or set activations.dynamic: true")
+
+
+def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme:
+    w, a = cfg.weights, cfg.activations
+    group = int4_layout_group_size(spec, in_features) if w.format == "int4" else (
+        w.group_size if w.granularity == "group" else in_features)
+    return Scheme(w.format, w.granularity, group, w.symmetric, w.scale_dtype,
+                  None if a.format == "none" else a.format, a.dynamic)
+
+
+def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Linear]:
+    """Linear modules whose dotted name matches an include pattern and no exclude pattern (fnmatch)."""
+    match = lambda name, pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and match(name, include) and not match(name, exclude)}
+
+
+def check_finite(linears: dict[str, nn.Linear]) -> None:
+    bad = [f"{name} ({int((~torch.isfinite(m.weight)).sum())} values)" for name, m in linears.items()
+           if not torch.isfinite(m.weight).all()]
+    if bad:
+        raise UserError(f"NaN/Inf in the weights of {len(bad)} layer(s): {', '.join(bad[:10])}; nothing written")
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+def rtn(model, linears, spec, new_observer, reporter) -> dict[str, QuantizedWeight]:
+    return {name: quantize_weight(lin.weight, spec, new_observer(spec))
+            for name, lin in reporter.track(list(linears.items()), description="quantize (rtn)")}
+
+
+METHODS: dict[str, Callable[..., dict[str, QuantizedWeight]]] = {"rtn": rtn}
+
+
+# ------------------------------------------------------------------------------------------ the work
+
+def static_input_scales(cfg: QuantizeConfig, names: list[str], stats) -> dict[str, torch.Tensor]:
+    """Per-tensor input scales from the calibration statistics: T / 127 (int8) or T / 448 (fp8)."""
+    a = cfg.activations
+    qmax = INT8_ACT_MAX if a.format == "int8" else FP8_ACT_MAX
+    spec = QuantSpec("int8" if a.format == "int8" else "fp8_e4m3", True, "tensor")
+    kwargs = {"percentile": a.percentile} if a.observer == "percentile" else {}
+    scales, bad = {}, []
+    for name in names:
+        obs = make_observer(a.observer, spec, **kwargs)
+        entry = stats.activation(name, "input")
+        if entry is None:
+            raise UserError(f"calibration artifact has no statistics for {name}.input; re-run `llmc calibrate` "
+                            f"on the same model")
+        if entry.nonfinite:
+            bad.append(f"{name} ({entry.nonfinite} values)")
+            continue
+        entry.load_into(obs)
+        lo, hi = obs.range()
+        t = torch.maximum(lo.abs(), hi.abs()).max()
+        scales[name] = torch.where(t > 0, t / qmax, torch.ones_like(t)).float()
+    if bad:
+        raise UserError(f"NaN/Inf in calibration activations of {len(bad)} layer(s): {', '.join(bad[:10])}")
+    return scales
+
+
+def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
+                   reporter: Optional[Reporter] = None) -> list[dict]:
+    """Swap the selected Linears of `model` (in place) for QuantLinear; returns the per-layer error table."""
+    reporter = reporter or Reporter()
+    check_config(cfg, stats is not None)
+    linears = select_linears(model, cfg.include, cfg.exclude)
+    if not linears:
+        raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
+    check_finite(linears)
+    torch.manual_seed(cfg.seed)
+    spec = weight_spec(cfg.weights)
+    static = cfg.activations.format != "none" and not cfg.activations.dynamic
+    input_scales = static_input_scales(cfg, list(linears), stats) if static else {}
+    qweights = METHODS[cfg.method](model, linears, spec, observer_factory(cfg.weights), reporter)
+    rows = []
+    for name, lin in linears.items():
+        qw = qweights[name]
+        scheme = scheme_for(cfg, spec, lin.in_features)
+        q = QuantLinear.from_quantized(qw, lin.bias, scheme, input_scales.get(name))
+        w_hat = q.dequantized_weight()
+        if not torch.isfinite(w_hat).all():
+            raise UserError(f"{name}: quantization produced NaN/Inf (scale underflow?); nothing written")
+        stored = sum(b.numel() * b.element_size() for b in q.buffers() if b is not q.bias)
+        rows.append({"layer": name, "scheme": scheme.name, **error_stats(lin.weight, w_hat),
+                     "bf16_bytes": lin.weight.numel() * 2, "stored_bytes": stored})
+        swap_in(model, name, q.to(lin.weight.device))
+    return rows
+
+
+def _bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter] = None) -> dict:
+    """Stage entry: writes the checkpoint (config.json, model.safetensors, tokenizer) and quant_report.json."""
+    from llmcompress.models import load_model
+
+    reporter = reporter or Reporter()
+    out_dir = Path(out_dir)
+    stats = calib.CalibrationStats.open(inputs.calibration.path) if inputs.calibration is not None else None
+    check_config(cfg, stats is not None)
+    model_cfg = inputs.model or cfg.model
+    model, tok = load_model(model_cfg)
+    dense_bytes = _bytes(model)
+    rows = quantize_model(model, cfg, stats, reporter)
+    config = {"weights": asdict(cfg.weights), "activations": asdict(cfg.activations),
+              "kv_cache": asdict(cfg.kv_cache), "include": cfg.include, "exclude": cfg.exclude}
+    save_quantized(model, out_dir, tok, cfg.method, config)
+    bf16 = sum(r["bf16_bytes"] for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    finite = [r["sqnr_db"] for r in rows if r["sqnr_db"] != float("inf")]
+    report = {"layers": rows, "quantized_bf16_bytes": bf16, "quantized_stored_bytes": stored}
+    (out_dir / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    worst = sorted(rows, key=lambda r: r["sqnr_db"])[:10]
+    return {
+        "method": cfg.method,
+        "scheme": rows[0]["scheme"],
+        "layers_quantized": len(rows),
+        "min_sqnr_db": min(finite) if finite else float("inf"),
+        "mean_sqnr_db": sum(finite) / len(finite) if finite else float("inf"),
+        "max_abs_err": max(r["max_abs_err"] for r in rows),
+        "quantized_layers_bf16_bytes": bf16,
+        "quantized_layers_bytes": stored,
+        "quantized_layers_ratio": stored / bf16,
+        "model_bytes_before": dense_bytes,
+        "checkpoint_bytes": (out_dir / WEIGHTS_FILE).stat().st_size,
+        "tables": {"per-layer error (10 worst by SQNR; all in quant_report.json)": [
+            {"layer": r["layer"], "scheme": r["scheme"], "sqnr_db": r["sqnr_db"], "max_abs_err": r["max_abs_err"]}
+            for r in worst]},
+    }

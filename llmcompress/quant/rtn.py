@@ -1,0 +1,53 @@
+"""Round-to-nearest weight quantization: the floor every other algorithm is measured against.
+
+An observer picks each row's (or group's) clip range, the range gives (scale, zero_point), and every weight is
+rounded on its own: W_q = clamp(round(W / s) + z, qmin, qmax). Algorithms that choose codes more cleverly
+(GPTQ, AWQ) produce the same `QuantizedWeight`, so QuantLinear and the checkpoint serve them unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .formats import QuantSpec, dequantize, quantize
+from .observers import MinMaxObserver, Observer, weight_qparams
+
+
+@dataclass
+class QuantizedWeight:
+    """A [N, K] weight as unpacked codes (spec.code_dtype) with scale [] / [N] / [N, G] and zero_point."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: Optional[torch.Tensor]
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point, self.spec, dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, observer: Optional[Observer] = None) -> QuantizedWeight:
+    """RTN: qparams from `observer` (min-max by default) at the spec's granularity, then round every weight."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a [N, K] weight, got shape {tuple(w.shape)}")
+    if spec.granularity == "token":
+        raise ValueError("per-token granularity is for activations, not weights")
+    w = w.detach().float()
+    scale, zero = weight_qparams(w, spec, observer or MinMaxObserver(spec))
+    return QuantizedWeight(quantize(w, scale, zero, spec), scale, zero, spec)
+
+
+def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
+    """SQNR in dB (10·log10 ‖W‖² / ‖W − Ŵ‖²) and the largest absolute error."""
+    w, w_hat = w.detach().double(), w_hat.detach().double()
+    noise = (w - w_hat).pow(2).sum().item()
+    signal = w.pow(2).sum().item()
+    sqnr = float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
+    return {"sqnr_db": sqnr, "max_abs_err": (w - w_hat).abs().max().item()}
