@@ -23,6 +23,7 @@ Rows are independent given H, so Linears that read the same input (q/k/v, gate/u
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,8 +81,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
     W[:, dead] = 0
 
     grouped = spec.granularity == "group"
-    gs = spec.group_size
-    col_spec = _column_spec(spec)
     # static: every scale fixed from the original W; dynamic groups are chosen as GPTQ reaches them
     static = not grouped or static_groups or act_order
     if static:
@@ -96,8 +95,37 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
 
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, device=W.device)
     L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Linv = torch.linalg.solve_triangular(L, torch.eye(k, device=W.device), upper=False)
+    Hinv = torch.linalg.cholesky(Linv.t() @ Linv, upper=True)  # H⁻¹ = L⁻ᵀ L⁻¹
 
+    with _few_threads(W.device):
+        Q = _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, static)
+    Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(Q, scale, zero, layer_error(W0, Q, H_orig))
+
+
+@contextmanager
+def _few_threads(device: torch.device):
+    # The column loop is thousands of tiny ops: on CPU, fork/join across threads costs more than it saves
+    # (and a contended core stalls every op), so it runs on one thread.
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, static) -> torch.Tensor:
+    """The GPTQ loop over (permuted) columns with lazy block updates; fills dynamic group scales as it goes."""
+    n, k = W.shape
+    grouped = spec.granularity == "group"
+    gs = spec.group_size
+    col_spec = _column_spec(spec)
+    cols_order = perm.tolist()
     Q = torch.zeros_like(W)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -106,7 +134,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols_order[i1 + i]
             if grouped:
                 g = col // gs
                 if not static and col % gs == 0:
@@ -128,9 +156,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(Q, scale, zero, layer_error(W0, Q, H_orig))
+    return Q
 
 
 def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
