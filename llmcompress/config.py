@@ -368,7 +368,6 @@ class AWQConfig:
     grid: int = opt(20, "number of α values searched in [0, 1) for s = x̄^α (α = 0 is scale 1)", ge=1)
     duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α")
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
-    clip_search: bool = opt(False, "after scaling, search each group's clip ratio on the output error")
 
 
 @dataclass
@@ -403,39 +402,59 @@ class QuantizeConfig:
 @dataclass
 class PerplexityConfig:
     enabled: bool = opt(False, "measure perplexity (also turned on by --ppl)")
-    dataset: str = opt("builtin:wikitext2_test", "text to score: builtin:NAME, a text file, or a hub dataset")
+    dataset: str = opt("builtin:wikitext2_test", "text to score: builtin:NAME, a text file, or a hub dataset; the "
+                       "whole split is joined and tokenized once (WikiText-2 raw test: ~300k tokens, minutes on "
+                       "CPU; use max_tokens for a quick run)")
     split: str = opt("test", "split for hub datasets")
-    seq_len: int = opt(2048, "window length (capped at the model's context)", ge=8)
-    stride: Optional[int] = opt(None, "sliding-window stride; null = non-overlapping windows", ge=1)
-    max_tokens: Optional[int] = opt(None, "score at most this many tokens (quick runs)", ge=16)
+    seq_len: int = opt(2048, "window length in tokens (capped at the model's context)", ge=8)
+    stride: Optional[int] = opt(None, "sliding-window stride: each window scores only its last `stride` tokens; "
+                                "null = non-overlapping windows", ge=1)
+    max_tokens: Optional[int] = opt(None, "use only the first N tokens of the split (quick runs, e.g. 16384); "
+                                    "null = the whole split", ge=16)
     batch_size: int = opt(1, "windows per forward pass", ge=1)
 
 
 @dataclass
 class TasksConfig:
-    names: list[str] = opt(factory=list, help="lm-eval task names (shipped local tasks or stock hub tasks)")
+    names: list[str] = opt(factory=list, help="lm-eval task names: the shipped local tasks (llmc_arc_easy, "
+                           "llmc_arc_challenge, llmc_piqa, llmc_hellaswag, llmc_lambada_openai, llmc_boolq, "
+                           "llmc_gsm8k) or stock lm-eval tasks (need the hub)")
     limit: Optional[int] = opt(None, "examples per task (quick runs)", ge=1)
-    num_fewshot: Optional[int] = opt(None, "few-shot examples", ge=0)
+    num_fewshot: Optional[int] = opt(None, "few-shot examples; null = each task's default", ge=0)
     batch_size: int = opt(8, "requests per forward pass", ge=1)
+    max_gen_toks: int = opt(256, "generation cap for generative tasks whose config sets none", ge=1)
+    bootstrap_iters: int = opt(1000, "bootstrap resamples for stderrs lm-eval cannot compute in closed form "
+                               "(lm-eval's own default is 100000; 0 = none)", ge=0)
+    data_dir: Optional[str] = opt(None, "folder the llmc_* tasks read their files from; null = $LLMC_DATA_DIR, "
+                                  "else ../shared/data relative to the working directory")
 
 
 @dataclass
 class SpeedConfig:
     enabled: bool = opt(False, "measure latency/throughput/memory (also turned on by --speed)")
-    prompt_lengths: list[int] = opt(factory=lambda: [512, 2048], help="prefill lengths")
-    batch_sizes: list[int] = opt(factory=lambda: [1, 8], help="decode batch sizes")
+    prompt_lengths: list[int] = opt(factory=lambda: [512, 2048], help="prefill lengths (TTFT, prefill tokens/s); "
+                                    "lengths over the model's context are skipped", min_len=1)
+    batch_sizes: list[int] = opt(factory=lambda: [1, 8], help="decode batch sizes (decode tokens/s, per-step "
+                                 "latency)", min_len=1)
+    decode_context: int = opt(128, "prompt tokens prefilled (untimed) before the timed decode steps", ge=1)
     new_tokens: int = opt(32, "tokens generated per decode measurement", ge=1)
     warmup: int = opt(1, "untimed warm-up repetitions", ge=0)
     repeats: int = opt(3, "timed repetitions (the median is reported)", ge=1)
+
+    def check(self):
+        for key in ("prompt_lengths", "batch_sizes"):
+            for i, v in enumerate(getattr(self, key)):
+                if v < 1:
+                    raise Invalid(f"{key}[{i}]", "a positive integer", v)
 
 
 @dataclass
 class GatesConfig:
     max_ppl_increase_pct: Optional[float] = opt(None, "fail if perplexity rises more than this % over baseline")
-    min_task_retention_pct: Optional[float] = opt(None, "fail if any task keeps less than this % of baseline "
-                                                  "accuracy", ge=0.0)
-    min_decode_speedup: Optional[float] = opt(None, "fail if decode tokens/s speedup over baseline is lower",
-                                              gt=0.0)
+    min_task_retention_pct: Optional[float] = opt(None, "fail if any task accuracy metric keeps less than this % "
+                                                  "of baseline", ge=0.0)
+    min_decode_speedup: Optional[float] = opt(None, "fail if decode tokens/s / baseline's is lower, at any "
+                                              "measured batch size", gt=0.0)
     max_size_ratio: Optional[float] = opt(None, "fail if checkpoint size / baseline size is larger", gt=0.0)
     max_ppl: Optional[float] = opt(None, "fail if perplexity is above this absolute value", gt=0.0)
 
@@ -443,7 +462,10 @@ class GatesConfig:
 @dataclass
 class EvaluateConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="model evaluated when no --input artifact is given")
-    baseline: Optional[str] = opt(None, "model or artifact to compare with (enables the comparison table)")
+    baseline: Optional[str] = opt(None, "model or artifact to compare with (enables the comparison table and the "
+                                  "relative gates); null = no comparison")
+    compare: list[str] = opt(factory=list, help="more models or artifacts measured alongside, one column each "
+                             "(e.g. several quantizations in one table and one plot)")
     ppl: PerplexityConfig = opt(factory=PerplexityConfig, help="perplexity")
     tasks: TasksConfig = opt(factory=TasksConfig, help="downstream accuracy through lm-eval")
     speed: SpeedConfig = opt(factory=SpeedConfig, help="speed, memory, latency")
