@@ -75,10 +75,12 @@ def _print_summary(stage: str, summary: dict, out: Path, quiet: bool, as_json: b
         if not rows:
             continue
         table = Table(title=title)
-        for col in rows[0]:
+        # manifest.json sorts keys; a stage may give its column order in summary["table_columns"]
+        cols = (summary.get("table_columns") or {}).get(title) or list(rows[0])
+        for col in cols:
             table.add_column(str(col))
         for row in rows:
-            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in cols)])
         out_console.print(table)
     table = Table(title=f"{stage} -> {out}", show_header=False)
     table.add_column("key")

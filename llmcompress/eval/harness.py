@@ -1,0 +1,246 @@
+"""lm-eval over our own models: an `lm_eval` LM that scores with a plain forward pass, and one call that runs
+`lm_eval.simple_evaluate` with the task configs shipped in `llmcompress/eval/tasks` on the index.
+
+The LM takes a loaded (model, tokenizer) pair, so an unquantized model, one whose Linears were swapped for our
+QuantLinear, and a distilled student all go through the same code: whatever `model(input_ids).logits` returns
+is what gets scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..progress import Reporter
+from .perplexity import model_context
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+DATA_DIR_ENV = "LLMC_DATA_DIR"
+DEFAULT_DATA_DIR = "../shared/data"  # relative to the working directory: the project's layout
+MAX_LENGTH_CAP = 4096  # an 8k-context 135M model does not need 8k-token batches to score short MC requests
+
+
+def _lm_base():
+    from lm_eval.api.model import TemplateLM
+
+    return TemplateLM
+
+
+def data_dir(configured: Optional[str] = None) -> Path:
+    """Where the local task configs read their files: the config key, else $LLMC_DATA_DIR, else ../shared/data."""
+    return Path(configured or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
+
+
+class LlmcLM(_lm_base()):
+    """lm-eval's three request types on a causal LM, batched, scored exactly as a direct forward pass would."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: Optional[int] = None,
+                 max_gen_toks: int = 256, reporter: Optional[Reporter] = None):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self._max_length = max_length or min(model_context(model) or 2048, MAX_LENGTH_CAP)
+        self.max_gen_toks = max_gen_toks
+        self.reporter = reporter or Reporter()
+        self._device = next(model.parameters()).device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # the token an empty context conditions on: BOS where the tokenizer has one, like lm-eval's HFLM
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    # ---------------------------------------------------------------- log-likelihood
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]], description: str = "loglikelihood"
+              ) -> list[tuple[float, bool]]:
+        """(sum log p(continuation | context), continuation is the greedy output) for token-id pairs."""
+        results: list[Optional[tuple[float, bool]]] = [None] * len(pairs)
+        # longest first: equal lengths share a batch and padding stays small (as lm-eval's HFLM orders them)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for batch in self.reporter.track(batches, total=len(batches), description=description):
+            seqs, spans = [], []
+            for i in batch:
+                ctx, cont = pairs[i]
+                # the model sees context+continuation minus the last token, left-truncated to max_length
+                full = (ctx + cont)[-(self.max_length + 1):]
+                seqs.append(full[:-1])
+                spans.append(len(cont))
+            width = max(len(s) for s in seqs)
+            # right padding: a causal model's logits at real positions never see the pad tokens after them
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            for row, s in enumerate(seqs):
+                ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+            logits = self.model(ids.to(self._device)).logits
+            for row, i in enumerate(batch):
+                n, cont = len(seqs[row]), pairs[i][1]
+                logprobs = F.log_softmax(logits[row, n - spans[row]:n].float(), dim=-1)
+                target = torch.tensor(cont[-spans[row]:], device=logprobs.device)
+                ll = logprobs.gather(-1, target[:, None]).sum().item()
+                greedy = bool((logprobs.argmax(-1) == target).all())
+                results[i] = (ll, greedy)
+        return results  # type: ignore[return-value]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        out = self.score([(ctx, cont) for _, ctx, cont in requests])
+        for (key, _, _), answer in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval import utils
+
+        pairs, owner = [], []
+        for r, req in enumerate(requests):
+            # every token is scored once; the first conditions on the prefix token (lm-eval's definition)
+            for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                pairs.append((ctx, cont))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        for r, (ll, _) in zip(owner, self.score(pairs, "loglikelihood_rolling")):
+            totals[r] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return totals
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos = (self.tokenizer.decode([self.eot_token_id], clean_up_tokenization_spaces=False)
+               if self.eot_token_id is not None else None)
+        results: list[Optional[str]] = [None] * len(requests)
+        # requests with the same generation settings run together, longest prompt first
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        batches = []
+        for idx in groups.values():
+            idx.sort(key=lambda i: -len(requests[i].args[0]))
+            batches += [idx[j:j + self.batch_size] for j in range(0, len(idx), self.batch_size)]
+        for batch in self.reporter.track(batches, total=len(batches), description="generate_until"):
+            kwargs = dict(requests[batch[0]].args[1])
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            if eos and eos not in until:
+                until.append(eos)
+            max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            do_sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0))
+            if temperature == 0.0:
+                do_sample = False
+            texts = [self._fit_prompt(requests[i].args[0], self.max_length - max_gen) for i in batch]
+            outs = self._generate(texts, max_gen, until, do_sample, temperature)
+            for i, text in zip(batch, outs):
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results  # type: ignore[return-value]
+
+    def _fit_prompt(self, prompt: str, max_tokens: int) -> str:
+        """The prompt itself, or its last max_tokens tokens when it would not leave room to generate."""
+        ids = self.tok_encode(prompt)
+        if len(ids) <= max_tokens:
+            return prompt
+        return self.tokenizer.decode(ids[-max_tokens:], clean_up_tokenization_spaces=False)
+
+    def _generate(self, prompts: list[str], max_new_tokens: int, until: list[str], do_sample: bool,
+                  temperature: float) -> list[str]:
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"  # generation appends on the right, so prompts must end at the same column
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self._device)
+        finally:
+            tok.padding_side = side
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else self.eot_token_id)
+        if do_sample:
+            gen_kwargs["temperature"] = temperature
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        stops = [s for s in until if s]
+        if stops:
+            gen_kwargs.update(stop_strings=stops, tokenizer=tok)
+        out = self.model.generate(**enc, **gen_kwargs)
+        return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=False,
+                           clean_up_tokenization_spaces=False) for row in out]
+
+
+def _task_names_local(names: list[str]) -> bool:
+    local = {p.stem for p in TASKS_DIR.glob("*.yaml")}
+    return all(n in local for n in names)
+
+
+def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None,
+              num_fewshot: Optional[int] = None, batch_size: int = 8, bootstrap_iters: int = 1000,
+              max_gen_toks: int = 256,
+              data_dir_path: Optional[str] = None, seed: int = 0, reporter: Optional[Reporter] = None) -> dict:
+    """Run lm-eval tasks; returns {task: {metric: value, metric_stderr: value, ...}} with lm-eval's metric
+    names (the ',none' filter suffix kept only where a task has several filters, as for gsm8k)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    ddir = data_dir(data_dir_path)
+    # the stock index holds thousands of YAML files; scan it only when a stock task is asked for
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not _task_names_local(names),
+                     metadata={"llmc_data_dir": str(ddir)})
+    lm = LlmcLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, reporter=reporter)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"tasks {', '.join(names)}: {msg} (local task data is read from {ddir}; set "
+                        f"tasks.data_dir or ${DATA_DIR_ENV})") from None
+    return {task: _clean_metrics(metrics) for task, metrics in out["results"].items()} | {
+        "_meta": {"n_samples": out.get("n-samples", {}), "versions": out.get("versions", {}),
+                  "n_shot": out.get("n-shot", {}), "lm_eval_version": lm_eval.__version__
+                  if hasattr(lm_eval, "__version__") else None}}
+
+
+def _clean_metrics(metrics: dict) -> dict:
+    """lm-eval keys are 'metric,filter'; keep the filter only where it is not the default 'none'."""
+    out = {}
+    for key, value in metrics.items():
+        if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        metric, _, filt = key.partition(",")
+        out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
+    return out
