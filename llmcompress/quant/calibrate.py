@@ -208,7 +208,8 @@ def run(cfg: CalibrateConfig, out_dir: Path, inputs, reporter: Optional[Reporter
     tensors = {}
     for name, rec in sorted(stats.items()):
         for kind, s in rec.items():
-            tensors.update({k: v.contiguous() for k, v in s.tensors(f"{name}.{kind}").items()})
+            # q/k/v (and gate/up) share one input observer: clone so each name owns its tensor on disk
+            tensors.update({k: v.detach().clone() for k, v in s.tensors(f"{name}.{kind}").items()})
     save_file(tensors, str(out_dir / STATS_FILE), metadata={"format": "llmc-calibration", "version": "1"})
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     summary = {
