@@ -84,8 +84,8 @@ def w8a8_linear(
 class PackedW4:
     """An int4 weight in the layout the kernel of ``qweight.device`` reads.
 
-    ``layout`` "nibble-rows" is the checkpoint layout itself (CPU and reference); "cuda-k32" pads each row
-    to a multiple of 32 codes so the CUDA kernel can use 16-byte loads.
+    ``layout`` "nibble-rows" is the checkpoint layout itself (CPU and reference, scales made float32 once);
+    "cuda-mma" is the tensor-core fragment order of the CUDA kernel (see ``_pack_cuda``).
     """
 
     qweight: torch.Tensor
@@ -115,19 +115,36 @@ def pack_w4a16(
     if not ((g - 1) * group_size < k_max and k_max - 1 <= g * group_size):
         raise ValueError(f"scales has {g} groups of {group_size} but qweight holds {k_max} codes per row")
     k = min(k_max, g * group_size)
-    packed = PackedW4(qweight.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous(),
-                      group_size, k, n)
-    if _has_kernel("w4a16_mm", qweight.device) and qweight.device.type == "cuda":
+    packed = PackedW4(qweight.contiguous(), scales.float().contiguous(),
+                      None if zeros is None else zeros.contiguous(), group_size, k, n)
+    if _has_kernel("w4a16_mm", qweight.device) and qweight.device.type == "cuda" and group_size % 16 == 0:
         return _pack_cuda(packed)
     return packed
 
 
 def _pack_cuda(p: PackedW4) -> PackedW4:
-    # Pad each row to a multiple of 32 codes (16 bytes): the kernel reads 16-byte vectors and masks x past K.
-    kb = p.qweight.shape[1]
-    kb_pad = -(-kb // 16) * 16
-    q = p.qweight if kb_pad == kb else torch.nn.functional.pad(p.qweight, (0, kb_pad - kb))
-    return PackedW4(q.contiguous(), p.scales, p.zeros, p.group_size, p.in_features, p.out_features, "cuda-k32")
+    """The "cuda-mma" layout of csrc/cuda/w4a16.cu: int32 words [ceil(N/16), Kp/64, 32 lanes, 4 k-steps].
+
+    Word (tile, chunk, lane, s) holds the 8 codes of lane's mma.m16n8k16 A fragment at k-step 4 * chunk + s;
+    nibble j is fragment register r = j % 4, element h = j // 4, at row g + 8 * (r % 2) of the 16-row tile
+    and column 2t + 8 * (r // 2) + h of the 16-column step (g = lane // 4, t = lane % 4).
+    """
+    n, k = p.out_features, p.in_features
+    tiles, kp = -(-n // 16), -(-k // 64) * 64
+    codes = reference.unpack_int4(p.qweight, k).to(torch.int32)
+    codes = torch.nn.functional.pad(codes, (0, kp - k, 0, tiles * 16 - n))
+    steps = codes.view(tiles, 16, kp // 16, 16).permute(0, 2, 1, 3)  # [tile, step, row, col]
+    lane = torch.arange(32, device=codes.device)[:, None]
+    j = torch.arange(8, device=codes.device)[None, :]
+    r, h = j % 4, j // 4
+    rows = lane // 4 + 8 * (r % 2)
+    cols = 2 * (lane % 4) + 8 * (r // 2) + h
+    nibbles = steps[:, :, rows, cols]  # [tile, step, lane, 8]
+    words = torch.zeros(nibbles.shape[:3], dtype=torch.int32, device=codes.device)
+    for i in range(8):
+        words |= nibbles[..., i] << (4 * i)  # int32 wraps for the top nibble, as intended
+    words = words.view(tiles, kp // 64, 4, 32).transpose(2, 3).contiguous()
+    return PackedW4(words, p.scales.float().contiguous(), p.zeros, p.group_size, k, n, "cuda-mma")
 
 
 def w4a16_linear(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +153,8 @@ def w4a16_linear(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None = 
     if not (packed.in_features - 1 <= k <= packed.in_features) or -(-k // 2) > packed.qweight.shape[1]:
         raise ValueError(f"x has {k} features but the int4 weight holds {packed.in_features}")
     x2 = x.reshape(-1, k)
-    if _has_kernel("w4a16_mm", x.device):
+    if packed.layout == "cuda-mma" or (packed.layout == "nibble-rows" and x.device.type == "cpu"
+                                       and _has_kernel("w4a16_mm", x.device)):
         y = torch.ops.llmc.w4a16_mm(x2.contiguous(), packed.qweight, packed.scales, packed.zeros,
                                     packed.group_size, bias)
     else:

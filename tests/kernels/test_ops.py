@@ -242,3 +242,20 @@ print("ok")
     env = dict(os.environ, LLMC_CPU_ISA="generic")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_cuda_mma_layout_decodes_like_the_kernel():
+    """The CUDA pack, read back with the kernel's fragment formula (w4a16_dequant), is the checkpoint weight."""
+    n, k = 49, 200
+    qweight, scales, zeros = random_w4(n, k, 32, True, "cpu")
+    packed = ops._pack_cuda(ops.pack_w4a16(qweight, scales, zeros, 32))
+    words = packed.qweight.reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    i = torch.arange(words.numel())
+    s, lane, chunks = i % 4, (i // 4) % 32, -(-k // 64)
+    c, tile = (i // 128) % chunks, i // 128 // chunks
+    g, t = lane // 4, lane % 4
+    got = torch.full((tile.max().item() * 16 + 16, chunks * 64), -1, dtype=torch.int64)
+    for j in range(8):
+        r, h = j % 4, j // 4
+        got[tile * 16 + g + 8 * (r % 2), (c * 4 + s) * 16 + 2 * t + 8 * (r // 2) + h] = (words >> (4 * j)) & 0xF
+    assert torch.equal(got[:n, :k], ref.unpack_int4(qweight, k).to(torch.int64))

@@ -1,0 +1,164 @@
+// W8A8: int8 activations x int8 weights on the int8 tensor cores (mma.sync m16n8k32), int32 accumulation,
+// and a fused epilogue y = acc * x_scale[m] * w_scale[n] + bias[n] in the output dtype.
+//
+// Decode shapes (M <= 64, or any shape torch._int_mm cannot take): one block of 8 warps per 16 output
+// features; the warps split K and reduce their int32 partials in shared memory. Each lane loads 16
+// contiguous bytes of weight (rows g and g + 8) and of activations (token g): the mma's k order only has to
+// be the same for A and B, so 16-byte loads feed two k32 steps without any repacking of the checkpoint.
+// Prefill shapes: cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product, then the same epilogue.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../checks.h"
+#include "common.cuh"
+#include "ops.h"
+
+namespace llmc::cuda {
+namespace {
+
+// 16 bytes of row `row` from column k (k % 16 == 0); zero past the matrix. `vec`: K % 16 == 0.
+template <bool kStream>
+__device__ __forceinline__ uint4 load16(const int8_t* p, int row, int rows, int64_t k, int64_t K, bool vec) {
+  if (row >= rows || k >= K) return make_uint4(0, 0, 0, 0);
+  const int8_t* src = p + (int64_t)row * K + k;
+  if (vec) return kStream ? ld_stream(src) : *reinterpret_cast<const uint4*>(src);
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)  // unrolled so w stays in registers
+    if (k + i < K) w[i >> 2] |= uint32_t(uint8_t(src[i])) << (8 * (i & 3));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename TO, int MT>
+__global__ void __launch_bounds__(kWarps * 32)
+    w8a8_decode(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
+                const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
+                int64_t K) {
+  constexpr int U = 4;  // 64-column chunks in flight per warp
+  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = nt * 16 + g, row1 = row0 + 8;
+  const bool vec = (K & 15) == 0;
+  const int64_t chunks = (K + 63) / 64;
+  int acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+
+  for (int64_t c0 = warp; c0 < chunks; c0 += kWarps * U) {
+    uint4 wa[U], wb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c0 + u * kWarps) * 64 + 16 * t;
+      wa[u] = load16<true>(w, row0, N, k, K, vec);
+      wb[u] = load16<true>(w, row1, N, k, K, vec);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c0 + u * kWarps) * 64 + 16 * t;
+      const uint32_t a_lo[4] = {wa[u].x, wb[u].x, wa[u].y, wb[u].y};
+      const uint32_t a_hi[4] = {wa[u].z, wb[u].z, wa[u].w, wb[u].w};
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 b = load16<false>(x, m0 + mt * 8 + g, M, k, K, vec);
+        mma_s8(acc[mt], a_lo, b.x, b.y);
+        mma_s8(acc[mt], a_hi, b.z, b.w);
+      }
+    }
+  }
+
+  __shared__ int red[kWarps][MT * 4][32];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
+    const int l = i & 31, e = i >> 5;
+    int v = 0;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][e][l];
+    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
+    const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
+    if (row < N && tok < M) {
+      float y = float(v) * xs[tok] * ws[row];
+      if (bias != nullptr) y += bias[row];
+      out[(int64_t)tok * N + row] = from_float<TO>(y);
+    }
+  }
+}
+
+template <typename TO>
+__global__ void scale_epilogue(const int* __restrict__ acc, const float* __restrict__ xs, const float* __restrict__ ws,
+                               const float* __restrict__ bias, TO* __restrict__ out, int64_t M, int64_t N) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= M * N) return;
+  const int64_t m = i / N, n = i - m * N;
+  float y = float(acc[i]) * xs[m] * ws[n];
+  if (bias != nullptr) y += bias[n];
+  out[i] = from_float<TO>(y);
+}
+
+template <typename TO>
+void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
+                   const float* bias, at::Tensor& out) {
+  const int M = x_q.size(0), N = w_q.size(0);
+  const int64_t K = x_q.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  TO* o = reinterpret_cast<TO*>(out.data_ptr());
+  const dim3 block(kWarps * 32);
+  auto go = [&](auto kernel, int mt) {
+    const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
+    kernel<<<grid, block, 0, stream>>>(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), w_q.data_ptr<int8_t>(),
+                                       w_scale.data_ptr<float>(), bias, o, M, N, K);
+  };
+  if (M <= 8) go(w8a8_decode<TO, 1>, 1);
+  else if (M <= 16) go(w8a8_decode<TO, 2>, 2);
+  else if (M <= 32) go(w8a8_decode<TO, 4>, 4);
+  else go(w8a8_decode<TO, 8>, 8);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename TO>
+void launch_epilogue(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale, const float* bias,
+                     at::Tensor& out) {
+  const int64_t M = acc.size(0), N = acc.size(1), threads = 256;
+  scale_epilogue<<<(M * N + threads - 1) / threads, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      acc.data_ptr<int>(), x_scale.data_ptr<float>(), w_scale.data_ptr<float>(), bias,
+      reinterpret_cast<TO*>(out.data_ptr()), M, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor w8a8_mm_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_w8a8_args(x_q, x_scale, w_q, w_scale);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "llmc::w8a8_mm: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  const int64_t M = x_q.size(0), N = w_q.size(0), K = x_q.size(1);
+  at::Tensor b;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "llmc::w8a8_mm: bias must be [", N, "], got ", bias->sizes());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  // cuBLASLt int8 (torch._int_mm) wants M > 16 and K, N multiples of 8; it wins once weights are reused.
+  const bool prefill = M > 64 && K % 8 == 0 && N % 8 == 0 && K >= 16;
+  if (prefill) {
+    const at::Tensor acc = at::_int_mm(x_q, w_q.t());
+    if (out_dtype == at::kFloat) launch_epilogue<float>(acc, x_scale, w_scale, bp, out);
+    else if (out_dtype == at::kBFloat16) launch_epilogue<__nv_bfloat16>(acc, x_scale, w_scale, bp, out);
+    else launch_epilogue<__half>(acc, x_scale, w_scale, bp, out);
+  } else {
+    if (out_dtype == at::kFloat) launch_decode<float>(x_q, x_scale, w_q, w_scale, bp, out);
+    else if (out_dtype == at::kBFloat16) launch_decode<__nv_bfloat16>(x_q, x_scale, w_q, w_scale, bp, out);
+    else launch_decode<__half>(x_q, x_scale, w_q, w_scale, bp, out);
+  }
+  return out;
+}
+
+}  // namespace llmc::cuda
