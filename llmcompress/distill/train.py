@@ -331,6 +331,8 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
     summary = {"steps": cfg.steps, "resumed_from_step": start, "world_size": world,
                "student_layers": student.config.num_hidden_layers,
                "student_params": sum(p.numel() for p in student.parameters()),
+               # float64 sum of every weight: equal across torchrun ranks iff DDP kept them in sync
+               "param_fingerprint": float(sum(p.detach().double().sum() for p in student.parameters())),
                "train_rows": len(train_set), "eval_rows": len(held_out), "final_loss": history[-1]["loss"],
                "alpha": cfg.alpha, "temperature": cfg.temperature,
                "kd_source": cfg.kd_source if cfg.alpha > 0 else "none (sequence distillation)"}
