@@ -348,6 +348,10 @@ class KVCacheQuantConfig:
     granularity: Literal["tensor", "head"] = opt("tensor", "one scale per tensor or per KV head")
 
 
+def _default_algo_data() -> DataConfig:
+    return DataConfig(source="builtin:alpaca_en_demo", num_samples=128, max_length=512)
+
+
 @dataclass
 class GPTQConfig:
     damp: float = opt(0.01, "percdamp: λ = damp · mean(diag H) added to H's diagonal before inverting", ge=0.0)
@@ -387,6 +391,9 @@ class QuantizeConfig:
     gptq: GPTQConfig = opt(factory=GPTQConfig, help="GPTQ settings (method: gptq)")
     awq: AWQConfig = opt(factory=AWQConfig, help="AWQ settings (method: awq)")
     smoothquant: SmoothQuantConfig = opt(factory=SmoothQuantConfig, help="SmoothQuant before W8A8")
+    data: DataConfig = opt(factory=_default_algo_data, help="calibration rows for gptq / awq / smoothquant / "
+                           "KV-cache and static scales, run layer by layer (never an evaluation split)")
+    batch_size: int = opt(8, "calibration rows per forward pass in the layer-by-layer algorithms", ge=1)
     weights: WeightQuantConfig = opt(factory=WeightQuantConfig, help="weight quantization")
     activations: ActivationQuantConfig = opt(factory=ActivationQuantConfig, help="activation quantization")
     kv_cache: KVCacheQuantConfig = opt(factory=KVCacheQuantConfig, help="KV-cache quantization")

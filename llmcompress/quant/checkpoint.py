@@ -37,6 +37,7 @@ from torch import nn
 from llmcompress.errors import UserError
 from llmcompress.models import QUANT_METHOD
 
+from .kvcache import restore_kv_quant
 from .qlinear import QuantLinear, Scheme
 
 
@@ -163,6 +164,7 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
                 setattr(mod, pname, nn.Parameter(p.to(dtype), requires_grad=False))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    restore_kv_quant(model, qc.get("config", {}).get("kv_cache"))  # KV-cache scales recorded by kvcache.py
     return model.to(device).eval()
 
 

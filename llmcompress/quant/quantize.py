@@ -25,9 +25,11 @@ from llmcompress.progress import Reporter
 from . import calibrate as calib
 from .checkpoint import WEIGHTS_FILE, save_quantized, swap_in
 from .formats import QuantSpec
+from .kvcache import apply_kv_quant, kv_config
 from .observers import Observer, make_observer
 from .qlinear import INT8_ACT_MAX, QuantLinear, Scheme, int4_layout_group_size
 from .rtn import QuantizedWeight, error_stats, quantize_weight
+from .sequential import needs_calibration_data, run_on_calibration_data
 
 FP8_ACT_MAX = 448.0
 
@@ -49,13 +51,12 @@ def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
 def check_config(cfg: QuantizeConfig, has_calibration: bool) -> None:
     """Refuse, before any work, what cannot work; everything else (ragged groups included) is served."""
     w, a = cfg.weights, cfg.activations
-    if cfg.method not in METHODS:
-        raise UserError(f"method: {cfg.method!r} is not implemented yet; available: {', '.join(METHODS)}")
+    if cfg.method not in METHODS and cfg.method not in SEQUENTIAL_METHODS:
+        raise UserError(f"method: {cfg.method!r} is not implemented yet; available: "
+                        f"{', '.join([*METHODS, *SEQUENTIAL_METHODS])}")
     if w.format == "none":
         raise UserError("weights.format: 'none' leaves nothing to quantize (KV-cache-only quantization is not "
                         "implemented yet)")
-    if cfg.kv_cache.format != "none":
-        raise UserError("kv_cache.format: KV-cache quantization is not implemented yet; set it to 'none'")
     try:
         weight_spec(w)
     except ValueError as e:
@@ -72,9 +73,6 @@ def check_config(cfg: QuantizeConfig, has_calibration: bool) -> None:
                             "(weights.symmetric: true, weights.granularity: channel)")
     if a.format == "fp8" and w.format != "fp8":
         raise UserError(f"activations.format: fp8 activations need weights.format fp8, got {w.format!r}")
-    if a.format != "none" and not a.dynamic and not has_calibration:
-        raise UserError("activations.dynamic: false needs static scales from a calibration artifact; run "
-                        "`llmc calibrate` and pass it as --input, or set activations.dynamic: true")
 
 
 def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme:
@@ -107,6 +105,9 @@ def rtn(model, linears, spec, new_observer, reporter) -> dict[str, QuantizedWeig
 
 
 METHODS: dict[str, Callable[..., dict[str, QuantizedWeight]]] = {"rtn": rtn}
+# Methods that need calibration data run layer by layer in sequential.py (it also does SmoothQuant, static
+# activation scales without a calibration artifact, and KV-cache scales, for any method).
+SEQUENTIAL_METHODS = ("gptq", "awq")
 
 
 # ------------------------------------------------------------------------------------------ the work
@@ -137,7 +138,7 @@ def static_input_scales(cfg: QuantizeConfig, names: list[str], stats) -> dict[st
 
 
 def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
-                   reporter: Optional[Reporter] = None) -> list[dict]:
+                   reporter: Optional[Reporter] = None, tokenizer=None) -> list[dict]:
     """Swap the selected Linears of `model` (in place) for QuantLinear; returns the per-layer error table."""
     reporter = reporter or Reporter()
     check_config(cfg, stats is not None)
@@ -148,8 +149,21 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
     static = cfg.activations.format != "none" and not cfg.activations.dynamic
-    input_scales = static_input_scales(cfg, list(linears), stats) if static else {}
-    qweights = METHODS[cfg.method](model, linears, spec, observer_factory(cfg.weights), reporter)
+    # ---- calibration-data algorithms (GPTQ / AWQ / SmoothQuant / KV cache: sequential.py) ----
+    seq = None
+    if needs_calibration_data(cfg, stats is not None):
+        if tokenizer is None:
+            raise UserError(f"method {cfg.method!r} (or smoothquant / kv_cache / static scales without a "
+                            f"calibration artifact) needs calibration data: pass the tokenizer")
+        seq = run_on_calibration_data(model, tokenizer, linears, spec, observer_factory(cfg.weights), cfg, reporter)
+        qweights = seq.qweights
+    else:
+        qweights = METHODS[cfg.method](model, linears, spec, observer_factory(cfg.weights), reporter)
+    if static:  # scales seen by the sequential pass are those of the (smoothed, quantized) model actually run
+        input_scales = seq.input_scales if seq is not None else static_input_scales(cfg, list(linears), stats)
+    else:
+        input_scales = {}
+    # ---- end calibration-data algorithms ----
     rows = []
     for name, lin in linears.items():
         qw = qweights[name]
@@ -162,6 +176,8 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         rows.append({"layer": name, "scheme": scheme.name, **error_stats(lin.weight, w_hat),
                      "bf16_bytes": lin.weight.numel() * 2, "stored_bytes": stored})
         swap_in(model, name, q.to(lin.weight.device))
+    if seq is not None and seq.kv_scales:
+        apply_kv_quant(model, cfg.kv_cache.format, cfg.kv_cache.granularity, seq.kv_scales)
     return rows
 
 
@@ -186,9 +202,13 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
     model_cfg = inputs.model or cfg.model
     model, tok = load_model(model_cfg)
     dense_bytes = _bytes(model)
-    rows = quantize_model(model, cfg, stats, reporter)
+    rows = quantize_model(model, cfg, stats, reporter, tok)
     config = {"weights": asdict(cfg.weights), "activations": asdict(cfg.activations),
-              "kv_cache": asdict(cfg.kv_cache), "include": cfg.include, "exclude": cfg.exclude}
+              "kv_cache": kv_config(model) or asdict(cfg.kv_cache), "include": cfg.include, "exclude": cfg.exclude}
+    if cfg.method in SEQUENTIAL_METHODS:
+        config[cfg.method] = asdict(getattr(cfg, cfg.method))
+    if cfg.smoothquant.enabled:
+        config["smoothquant"] = asdict(cfg.smoothquant)
     save_quantized(model, out_dir, tok, cfg.method, config)
     bf16 = sum(r["bf16_bytes"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)

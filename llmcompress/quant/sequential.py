@@ -1,0 +1,339 @@
+"""Layer-by-layer quantization with calibration data: SmoothQuant, AWQ, GPTQ (or RTN), static activation scales
+and KV-cache scales, one decoder layer at a time.
+
+    capture the hidden states entering layer 0 once (layerwise.Layerwise)
+    for each decoder layer:
+        onload it (to `device`, when the model lives elsewhere)
+        run it once in float: its reference outputs, and the inputs of its Linears (for SmoothQuant / AWQ)
+        SmoothQuant and/or AWQ: choose per-channel scales, fold them into the producing norm / Linear
+        quantize its Linears: GPTQ on the Hessians of their inputs (true-sequential: q/k/v, then o_proj on the
+            outputs of the quantized q/k/v, then gate/up, then down), or RTN
+        run it again with the quantized weights: these outputs feed the next layer; static activation and KV
+            scales are observed here, on the inputs the quantized model will really see
+        report its reconstruction error ‖y_q − y‖² / ‖y‖², put its float weights back, offload it
+
+Only one decoder layer's weights and activations need be on `device`. The groups of Linears reading one input
+and the op producing that input follow the Llama naming (Llama, Mistral, Qwen2 and SmolLM share it).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from llmcompress.config import QuantizeConfig
+from llmcompress.progress import Reporter
+
+from . import awq as awq_
+from . import smoothquant as sq
+from .formats import FP8_MAX, QuantSpec, compute_qparams, fake_quantize, quantize
+from .gptq import Hessian, gptq_quantize
+from .kvcache import KVObserver
+from .layerwise import Layerwise
+from .qlinear import INT8_ACT_MAX
+from .observers import Observer, make_observer, weight_qparams
+from .rtn import QuantizedWeight, quantize_weight
+
+# (producer of the shared input, consumers): the order is the order GPTQ's true-sequential mode follows
+GROUPS = [
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+]
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the layer is not computed."""
+
+
+@dataclass
+class SequentialResult:
+    qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static per-tensor activation scales
+    kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)  # per decoder layer: error, seconds, smoothing/awq choices
+    seconds: float = 0.0
+    peak_device_bytes: Optional[int] = None
+
+
+def _move(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, K] activations -> [n, K] rows of real (non-padding) tokens."""
+    return x[mask.to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+
+
+def _act_spec(cfg: QuantizeConfig) -> QuantSpec:
+    return QuantSpec("int8" if cfg.activations.format == "int8" else "fp8_e4m3", True, "tensor")
+
+
+def _act_fake_quant(cfg: QuantizeConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation quantizer W8A8 will apply, for scoring SmoothQuant's α: per-token dynamic or per-tensor."""
+    spec = _act_spec(cfg)
+    if cfg.activations.dynamic:
+        tok = QuantSpec(spec.dtype, True, "token")
+        return lambda x: fake_quantize(x, *_token_qparams(x, tok), tok)
+    return lambda x: fake_quantize(x, *weight_qparams(x, spec, make_observer("minmax", spec)), spec)
+
+
+def _token_qparams(x, spec):
+    return compute_qparams(x.amin(dim=1), x.amax(dim=1), spec)
+
+
+class _Inputs:
+    """Collects, per consumer group, the input rows of real tokens (capped at `limit` rows, sampled evenly)."""
+
+    def __init__(self, limit: Optional[int]):
+        self.limit = limit
+        self.rows: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        self.rows.setdefault(key, []).append(x.detach().float())
+
+    def get(self, key: str, seed: int = 0) -> torch.Tensor:
+        x = torch.cat(self.rows[key])
+        if self.limit and x.shape[0] > self.limit:
+            g = torch.Generator().manual_seed(seed)
+            x = x[torch.randperm(x.shape[0], generator=g)[: self.limit].sort().values.to(x.device)]
+        return x
+
+
+@torch.no_grad()
+def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
+                        new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig, batches: list[dict],
+                        reporter: Optional[Reporter] = None, device: Optional[torch.device] = None
+                        ) -> SequentialResult:
+    """Run cfg.method (rtn / gptq / awq), cfg.smoothquant and the static activation / KV scales over the decoder
+    layers of `model`. Changes the float model in place only by the (function-preserving) smoothing scales;
+    the returned QuantizedWeights are what QuantLinear should hold."""
+    reporter = reporter or Reporter()
+    t0 = time.perf_counter()
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lw = Layerwise(model, batches)
+    lw.hidden = [_move(h, device) for h in lw.hidden]
+    lw.kwargs = [_move(k, device) for k in lw.kwargs]
+    masks = [b["attention_mask"].bool().to(device) for b in batches]
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    result = SequentialResult()
+    static_acts = cfg.activations.format != "none" and not cfg.activations.dynamic
+    kv = KVObserver(model) if cfg.kv_cache.format != "none" else None
+    smooth, method = cfg.smoothquant, cfg.method
+
+    for i in reporter.track(range(len(lw)), total=len(lw), description=f"quantize ({method}, layer by layer)"):
+        t_layer = time.perf_counter()
+        layer = lw.layers[i].to(device)
+        prefix = layer_names[id(lw.layers[i])]
+        mine = {rel: linears[f"{prefix}.{rel}"] for _, cons in GROUPS for rel in cons if f"{prefix}.{rel}" in linears}
+        groups = [(p, c) for p, c in GROUPS if all(rel in mine for rel in c)]
+        row: dict = {"layer": i}
+
+        # 1. float pass: reference outputs and (for SmoothQuant / AWQ) the inputs of each group
+        need_x = smooth.enabled or method == "awq"
+        inputs = _Inputs(cfg.awq.search_tokens if method == "awq" or smooth.alpha_grid else None)
+        absmax: dict[str, torch.Tensor] = {}
+        handles = []
+        if need_x:
+            for prod, cons in groups:
+                handles.append(mine[cons[0]].register_forward_pre_hook(_grab(inputs, absmax, prod, masks, lw)))
+        ref = []
+        try:
+            for b in range(len(lw.batches)):
+                lw.current = b
+                out = layer(lw.hidden[b], **lw.kwargs[b])
+                ref.append(out[0] if isinstance(out, (tuple, list)) else out)
+        finally:
+            for h in handles:
+                h.remove()
+
+        # 2. SmoothQuant (for W8A8) and AWQ (for weight-only): per-channel scales folded into the producer
+        if smooth.enabled:
+            row["smoothquant_alpha"] = {}
+            for prod, cons in groups:
+                if prod == "self_attn.v_proj" or (prod == "mlp.up_proj" and not smooth.mlp_down):
+                    continue  # o_proj: under GQA one v channel feeds several heads' o columns; not foldable
+                ws = [mine[c].weight for c in cons]
+                if smooth.alpha_grid:
+                    alpha, s, _ = sq.search_alpha(inputs.get(prod), ws, smooth.alpha_grid,
+                                                  _weight_fake_quant(spec, new_observer), _act_fake_quant(cfg))
+                else:
+                    alpha, s = smooth.alpha, sq.smooth_scales(absmax[prod], ws, smooth.alpha)
+                sq.fold_scales(layer.get_submodule(prod), [mine[c] for c in cons], s)
+                row["smoothquant_alpha"][prod] = alpha
+        if method == "awq":
+            row["awq_alpha"] = {}
+            for prod, cons in groups:
+                producer = layer.get_submodule(prod)
+                if isinstance(producer, nn.Linear) and producer.out_features != mine[cons[0]].in_features:
+                    continue
+                ws = [mine[c].weight for c in cons]
+                s, rec = awq_.awq_search(inputs.get(prod), ws, _weight_fake_quant(spec, new_observer),
+                                         cfg.awq.grid, cfg.awq.duo_scaling, spec.group_size)
+                sq.fold_scales(producer, [mine[c] for c in cons], s)
+                row["awq_alpha"][prod] = rec["alpha"]
+        del inputs
+
+        # 3. weights: GPTQ (stacked per group: rows are independent given H) or RTN; Ŵ goes in for the final pass
+        floats = {rel: lin.weight.detach().clone() for rel, lin in mine.items()}
+        if method == "gptq":
+            stages = [[g] for g in groups] if cfg.gptq.true_sequential else [groups]
+            for stage in stages:
+                hess = _hessians(layer, lw, masks, mine, stage)
+                for prod, cons in stage:
+                    _gptq_group(mine, cons, hess[prod].value(), spec, new_observer, cfg, result, prefix)
+        else:
+            for rel, lin in mine.items():
+                qw = quantize_weight(lin.weight, spec, new_observer(spec))
+                result.qweights[f"{prefix}.{rel}"] = qw
+                lin.weight.copy_(qw.dequantize(lin.weight.dtype))
+
+        # 4. quantized pass: next layer's inputs; static activation and KV scales observed on them
+        act_obs = {rel: make_observer(cfg.activations.observer, _act_spec(cfg),
+                                      **({"percentile": cfg.activations.percentile}
+                                         if cfg.activations.observer == "percentile" else {}))
+                   for rel in mine} if static_acts else {}
+        handles = [mine[rel].register_forward_pre_hook(_observe(obs, masks, lw)) for rel, obs in act_obs.items()]
+        num = den = 0.0
+        try:
+            with (kv.watching([f"{prefix}.self_attn"]) if kv else nullcontext()):
+                for b in range(len(lw.batches)):
+                    lw.current = b
+                    if kv:
+                        kv.mask = masks[b]
+                    out = layer(lw.hidden[b], **lw.kwargs[b])
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    m = masks[b]
+                    num += float((out - ref[b])[m].float().pow(2).sum())
+                    den += float(ref[b][m].float().pow(2).sum())
+                    lw.hidden[b] = out
+        finally:
+            for h in handles:
+                h.remove()
+            lw.current = None
+        for rel, obs in act_obs.items():
+            lo, hi = obs.range()
+            t = torch.maximum(lo.abs(), hi.abs()).max()
+            qmax = INT8_ACT_MAX if cfg.activations.format == "int8" else FP8_MAX  # QuantLinear's x range
+            result.input_scales[f"{prefix}.{rel}"] = torch.where(t > 0, t / qmax, torch.ones_like(t)).float().cpu()
+
+        # 5. float weights back (the checkpoint gets the codes; the error table compares against these), offload
+        for rel, lin in mine.items():
+            lin.weight.copy_(floats[rel])
+        lw.layers[i].to(home)
+        row["rel_error"] = num / max(den, 1e-30)
+        row["seconds"] = time.perf_counter() - t_layer
+        result.layers.append(row)
+        reporter.update(layer=i, rel_err=row["rel_error"])
+        reporter.info(f"layer {i:>3}: relative output error {row['rel_error']:.3e} ({row['seconds']:.1f} s)")
+
+    if kv:
+        result.kv_scales = kv.scales(cfg.kv_cache.format, cfg.kv_cache.granularity)
+    if device.type == "cuda":
+        result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _grab(inputs: _Inputs, absmax: dict, key: str, masks, lw):
+    def hook(module, args):
+        x = _rows(args[0], masks[lw.current])
+        a = x.abs().amax(dim=0).float()
+        absmax[key] = a if key not in absmax else torch.maximum(absmax[key], a)
+        if inputs.limit is not None:
+            inputs.add(key, x)
+    return hook
+
+
+def _observe(obs: Observer, masks, lw):
+    def hook(module, args):
+        obs.update(_rows(args[0], masks[lw.current]).reshape(1, -1))
+    return hook
+
+
+def _weight_fake_quant(spec: QuantSpec, new_observer) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: fake_quantize(w, *weight_qparams(w, spec, new_observer(spec)), spec)
+
+
+def _hessians(layer, lw, masks, mine, stage) -> dict[str, Hessian]:
+    """H of each group's shared input, from one pass of the layer that stops at the stage's last consumer."""
+    hess = {prod: Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device) for prod, cons in stage}
+    last = stage[-1][1][0]
+
+    def make(prod, stop):
+        def hook(module, args):
+            hess[prod].add(_rows(args[0], masks[lw.current]))
+            if stop:
+                raise _Stop
+        return hook
+
+    handles = [mine[cons[0]].register_forward_pre_hook(make(prod, cons[0] == last)) for prod, cons in stage]
+    try:
+        for b in range(len(lw.batches)):
+            lw.current = b
+            try:
+                layer(lw.hidden[b], **lw.kwargs[b])
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        lw.current = None
+    return hess
+
+
+def _gptq_group(mine, cons, H, spec, new_observer, cfg, result, prefix) -> None:
+    """GPTQ on the group's Linears stacked row-wise (one Cholesky for all: rows are independent given H), then
+    split back per Linear. A per-tensor scale spans one Linear, so those go one by one."""
+    g = cfg.gptq
+    for chunk in ([[c] for c in cons] if spec.granularity == "tensor" else [list(cons)]):
+        W = torch.cat([mine[c].weight for c in chunk])
+        res = gptq_quantize(W, H, spec, new_observer(spec), g.damp, g.block_size, g.act_order, g.static_groups)
+        r0 = 0
+        for c in chunk:
+            n = mine[c].out_features
+            w_hat = res.weight[r0:r0 + n]
+            scale = res.scale if spec.granularity == "tensor" else res.scale[r0:r0 + n]
+            zero = res.zero_point
+            if zero is not None and spec.granularity != "tensor":
+                zero = zero[r0:r0 + n]
+            result.qweights[f"{prefix}.{c}"] = QuantizedWeight(quantize(w_hat, scale, zero, spec), scale, zero,
+                                                               spec)
+            mine[c].weight.copy_(w_hat.to(mine[c].weight.dtype))
+            r0 += n
+
+
+def needs_calibration_data(cfg: QuantizeConfig, has_stats: bool) -> bool:
+    """Whether the quantize stage runs layer by layer on cfg.data: GPTQ, AWQ, SmoothQuant, KV-cache scales, or
+    static activation scales without a calibration artifact."""
+    static = cfg.activations.format != "none" and not cfg.activations.dynamic
+    return (cfg.method in ("gptq", "awq") or cfg.smoothquant.enabled or cfg.kv_cache.format != "none"
+            or (static and not has_stats))
+
+
+def run_on_calibration_data(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], spec: QuantSpec,
+                            new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig,
+                            reporter: Optional[Reporter] = None, device=None) -> SequentialResult:
+    """Tokenize cfg.data (sorted by length so batches carry little padding) and run `quantize_sequential`."""
+    from llmcompress.data import sample_texts
+
+    from .layerwise import make_batches
+
+    texts = sorted(sample_texts(cfg.data, cfg.seed), key=len)
+    batches = make_batches(tokenizer, texts, cfg.data.max_length, cfg.batch_size, next(model.parameters()).device)
+    return quantize_sequential(model, linears, spec, new_observer, cfg, batches, reporter, device)

@@ -1,0 +1,177 @@
+"""The README's quantization results table: perplexity of the embedded default (SmolLM2-135M-Instruct) under each
+quantization method, on one fixed protocol.
+
+Protocol: WikiText-2 test (builtin:wikitext2_test), first 16 non-overlapping windows of 2048 tokens
+(llmcompress.eval.perplexity); calibration = 128 rows of builtin:alpaca_en_demo, ≤ 512 tokens (QuantizeConfig.data
+defaults); every configuration goes through `quantize_model`, the same code as `llmc quantize`.
+
+    python scripts/quant_results.py                       # everything (long on 2 CPU cores: see --only)
+    python scripts/quant_results.py --only gptq_g64_sym,awq_g64_sym --device cuda
+    python scripts/quant_results.py --list
+
+Results merge into scripts/results/quant_results.json (one entry per configuration, with the device and the
+wall time of the quantization step) and the table is rewritten to scripts/results/quant_results.md. The
+unquantized baseline is cached there too and reused unless --force names it.
+Timing: time.perf_counter around quantize_model (calibration forward passes included, model load and
+perplexity excluded), on whatever device and threads the run had; the JSON records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmcompress.config import QuantizeConfig, load_config  # noqa: E402
+from llmcompress.data import load_text, sample_texts  # noqa: E402
+from llmcompress.eval.perplexity import perplexity  # noqa: E402
+from llmcompress.models import load_model  # noqa: E402
+from llmcompress.quant.kvcache import KVObserver, apply_kv_quant  # noqa: E402
+from llmcompress.quant.layerwise import make_batches  # noqa: E402
+from llmcompress.quant.quantize import quantize_model  # noqa: E402
+
+OUT = ROOT / "scripts" / "results"
+W4 = ["weights.format=int4", "weights.granularity=group", "activations.format=none"]
+W8A8 = ["weights.format=int8", "weights.granularity=channel", "weights.symmetric=true", "activations.format=int8"]
+LAYOUTS = {"g64_sym": ["weights.group_size=64", "weights.symmetric=true"],
+           "g64_asym": ["weights.group_size=64", "weights.symmetric=false"],
+           "g128_sym": ["weights.group_size=128", "weights.symmetric=true"]}
+
+
+def configurations() -> dict[str, dict]:
+    """name -> {"label", "set": QuantizeConfig overrides} (or "kv": format for KV-cache-only rows)."""
+    c: dict[str, dict] = {"unquantized": {"label": "unquantized (float32)", "set": None}}
+    for lay, over in LAYOUTS.items():
+        for obs in ("minmax", "mse"):
+            c[f"rtn_{lay}_{obs}"] = {"label": f"RTN W4A16 {lay} ({obs})",
+                                     "set": W4 + over + ["method=rtn", f"weights.observer={obs}"]}
+        c[f"gptq_{lay}"] = {"label": f"GPTQ W4A16 {lay}", "set": W4 + over + ["method=gptq"]}
+        c[f"gptq_{lay}_actorder"] = {"label": f"GPTQ W4A16 {lay} act_order",
+                                     "set": W4 + over + ["method=gptq", "gptq.act_order=true"]}
+        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay}", "set": W4 + over + ["method=awq"]}
+    c["w8a8_static"] = {"label": "W8A8 static per-tensor (RTN)", "set": W8A8 + ["activations.dynamic=false"]}
+    c["w8a8_static_sq"] = {"label": "W8A8 static per-tensor + SmoothQuant (α searched)",
+                           "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true",
+                                          "smoothquant.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8]"]}
+    c["w8a8_dynamic"] = {"label": "W8A8 dynamic per-token (RTN)", "set": W8A8 + ["activations.dynamic=true"]}
+    c["w8a8_dynamic_gptq"] = {"label": "W8A8 dynamic per-token (GPTQ)",
+                              "set": W8A8 + ["activations.dynamic=true", "method=gptq"]}
+    c["fp8_w8a8_dynamic"] = {"label": "FP8 E4M3 W8A8 dynamic per-token",
+                             "set": ["weights.format=fp8", "weights.granularity=channel", "activations.format=fp8",
+                                     "activations.dynamic=true"]}
+    for fmt in ("int8", "fp8"):
+        for gran in ("tensor", "head"):
+            c[f"kv_{fmt}_{gran}"] = {"label": f"KV cache {fmt.upper()} per-{gran} (float weights)",
+                                     "kv": (fmt, gran)}
+    return c
+
+
+def kv_only(model, tok, fmt: str, gran: str, cfg: QuantizeConfig) -> None:
+    """Float weights, quantized K/V: scales observed on the calibration rows, then the fake-quant hooks."""
+    texts = sorted(sample_texts(cfg.data, cfg.seed), key=len)
+    device = next(model.parameters()).device
+    obs = KVObserver(model)
+    with torch.no_grad(), obs.watching():
+        for b in make_batches(tok, texts, cfg.data.max_length, cfg.batch_size, device):
+            obs.mask = b["attention_mask"].bool()
+            model(**b, use_cache=False)
+    apply_kv_quant(model, fmt, gran, obs.scales(fmt, gran))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    ap.add_argument("--list", action="store_true", help="list configuration names and exit")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--windows", type=int, default=16, help="windows of --seq-len tokens scored")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--force", action="store_true", help="recompute the cached unquantized baseline too")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--exp", action="append", default=[], metavar="NAME=OV|OV|...",
+                    help="an extra configuration: QuantizeConfig overrides separated by '|' (repeatable)")
+    args = ap.parse_args()
+    confs = configurations()
+    for e in args.exp:
+        name, _, overs = e.partition("=")
+        confs[name] = {"label": f"experiment {name}", "set": overs.split("|")}
+    if args.list:
+        for k, v in confs.items():
+            print(f"{k:28s} {v['label']}")
+        return
+    names = [n for n in args.only.split(",") if n] or list(confs)
+    unknown = [n for n in names if n not in confs]
+    if unknown:
+        sys.exit(f"unknown configuration(s): {', '.join(unknown)}; see --list")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "quant_results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    text = load_text("builtin:wikitext2_test")
+    base_model, tok = load_model("smollm2-135m", device=args.device, dtype="float32")
+    device = next(base_model.parameters()).device
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    protocol = {"dataset": "builtin:wikitext2_test", "windows": args.windows, "seq_len": args.seq_len,
+                "calibration": "128 rows of builtin:alpaca_en_demo, <= 512 tokens"}
+
+    def score(model) -> dict:
+        return perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len + 1)
+
+    cached = results.get("unquantized", {})
+    if args.force or cached.get("protocol") != protocol or (args.only and "unquantized" in names):
+        r = score(base_model)
+        results["unquantized"] = {"label": confs["unquantized"]["label"], "ppl": r["ppl"],
+                                  "tokens_scored": r["tokens_scored"], "device": where, "protocol": protocol}
+        print(f"unquantized: ppl {r['ppl']:.3f}", flush=True)
+    for name in names:
+        if name == "unquantized":
+            continue
+        spec = confs[name]
+        model = copy.deepcopy(base_model)
+        cfg = load_config(QuantizeConfig, overrides=spec.get("set") or [])
+        t0 = time.perf_counter()
+        if "kv" in spec:
+            kv_only(model, tok, *spec["kv"], cfg)
+            rows = []
+        else:
+            rows = quantize_model(model, cfg, None, None, tok)
+        seconds = time.perf_counter() - t0
+        r = score(model)
+        results[name] = {"label": spec["label"], "ppl": r["ppl"], "quantize_seconds": seconds, "device": where,
+                         "overrides": spec.get("set"), "kv": spec.get("kv"), "layers": len(rows),
+                         "protocol": protocol}
+        print(f"{name}: ppl {r['ppl']:.3f} (quantize {seconds:.1f} s)", flush=True)
+        del model
+        store.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    store.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / "quant_results.md").write_text(table(results, confs))
+    print(table(results, confs))
+
+
+def table(results: dict, confs: dict) -> str:
+    base = results.get("unquantized", {}).get("ppl")
+    lines = ["| configuration | WikiText-2 ppl | vs unquantized | quantize time | device |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for name in confs:
+        r = results.get(name)
+        if not r:
+            continue
+        delta = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base and name != "unquantized" else ""
+        secs = f"{r['quantize_seconds']:.1f} s" if "quantize_seconds" in r else ""
+        lines.append(f"| {r['label']} (`{name}`) | {r['ppl']:.2f} | {delta} | {secs} | {r['device']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

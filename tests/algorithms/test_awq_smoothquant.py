@@ -1,0 +1,94 @@
+"""AWQ's scale search and SmoothQuant's folding: never worse than no scaling; the float function unchanged."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmcompress.quant import smoothquant as sq
+from llmcompress.quant.awq import awq_search, weight_mean
+from llmcompress.quant.formats import QuantSpec, fake_quantize
+from llmcompress.quant.observers import make_observer, weight_qparams
+
+
+def _fq(spec):
+    return lambda w: fake_quantize(w, *weight_qparams(w, spec, make_observer("minmax", spec)), spec)
+
+
+def _activations(t, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:6]] *= 30.0  # salient channels
+    return x
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("duo", [True, False])
+def test_awq_search_never_worse_than_scale_one(seed, duo):
+    k = 200  # ragged: 3 groups of 64 and one of 8
+    spec = QuantSpec("int4", seed % 2 == 0, "group", 64)
+    x = _activations(256, k, seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    ws = [torch.randn(48, k, generator=g), torch.randn(16, k, generator=g) * 0.1]
+    s, rec = awq_search(x, ws, _fq(spec), grid=10, duo_scaling=duo, group_size=64)
+    assert rec["loss"] <= rec["loss_unscaled"]
+    # the returned loss is the real loss of the returned scales
+    again = sq.output_error(x, ws, [_fq(spec)(w * s) / s for w in ws])
+    assert again == pytest.approx(rec["loss"], rel=1e-5)
+    if rec["alpha"] is None:
+        assert torch.equal(s, torch.ones(k))
+    # with loud channels the search finds a real improvement over RTN
+    if seed < 2:
+        assert rec["loss"] < 0.9 * rec["loss_unscaled"]
+
+
+def test_awq_weight_mean_normalises_per_group_ragged():
+    w = torch.zeros(2, 5)
+    w[0] = torch.tensor([1.0, -2.0, 4.0, 0.5, 0.25])
+    w[1] = torch.tensor([2.0, 2.0, -1.0, 1.0, 0.5])
+    # groups of 2: [0,1], [2,3], [4]
+    expected = torch.tensor([(0.5 + 1.0) / 2, (1.0 + 1.0) / 2, (1.0 + 1.0) / 2, (0.125 + 1.0) / 2, 1.0])
+    torch.testing.assert_close(weight_mean([w], 2), expected)
+
+
+def test_smoothquant_alpha_search_never_worse_than_no_smoothing():
+    spec = QuantSpec("int8", True, "channel")
+    act = QuantSpec("int8", True, "tensor")
+    fq_act = lambda x: fake_quantize(x, *weight_qparams(x, act, make_observer("minmax", act)), act)  # noqa: E731
+    x = _activations(512, 96, 3)
+    w = [torch.randn(64, 96)]
+    base = sq.output_error(x, w, [_fq(spec)(w[0])], fq_act(x))
+    alpha, s, err = sq.search_alpha(x, w, [0.3, 0.5, 0.7], _fq(spec), fq_act)
+    assert err <= base and alpha is not None and err < 0.5 * base  # outliers: smoothing must help a lot
+    torch.testing.assert_close(sq.smooth_scales(x.abs().amax(0), w, alpha), s)
+
+
+@torch.no_grad()
+def test_smoothquant_folding_leaves_the_real_model_unchanged(smollm):
+    model, tok = smollm
+    model = copy.deepcopy(model)
+    ids = tok("The capital of France is Paris. It is known for", return_tensors="pt")["input_ids"]
+    before = model(ids).logits
+    layer = model.model.layers[0]
+    absmax = {}
+    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(
+                 lambda m, a: absmax.__setitem__("attn", a[0].abs().amax(dim=(0, 1)))),
+             layer.mlp.gate_proj.register_forward_pre_hook(
+                 lambda m, a: absmax.__setitem__("mlp", a[0].abs().amax(dim=(0, 1)))),
+             layer.mlp.down_proj.register_forward_pre_hook(
+                 lambda m, a: absmax.__setitem__("down", a[0].abs().amax(dim=(0, 1))))]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        sq.fold_scales(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj],
+                       sq.smooth_scales(absmax["attn"], [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0.5))
+        sq.fold_scales(layer.post_attention_layernorm, [m.gate_proj, m.up_proj],
+                       sq.smooth_scales(absmax["mlp"], [m.gate_proj.weight, m.up_proj.weight], 0.8))
+        sq.fold_scales(m.up_proj, [m.down_proj], sq.smooth_scales(absmax["down"], [m.down_proj.weight], 0.5))
+    after = model(ids).logits
+    assert not torch.equal(model.model.layers[3].input_layernorm.weight,
+                           smollm[0].model.layers[3].input_layernorm.weight)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=2e-3)
