@@ -66,7 +66,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         n, k = out_features, in_features
         g = -(-k // scheme.group_size)
-        empty = lambda *shape, dt: torch.empty(*shape, dtype=dt, device=device)  # noqa: E731
+        empty = lambda *shape, dt: torch.empty(shape, dtype=dt, device=device)  # noqa: E731
         if scheme.weight_format == "int4":
             self.register_buffer("qweight", empty(n, -(-k // 2), dt=torch.uint8))
             self.register_buffer("scales", empty(n, g, dt=SCALE_DTYPES[scheme.scale_dtype]))
