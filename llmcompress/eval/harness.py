@@ -109,6 +109,10 @@ class LlmcLM(_lm_base()):
                 results[i] = (ll, greedy)
         return results  # type: ignore[return-value]
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # progress is shown by our reporter's bar over batches, not by lm-eval's tokenizing bar
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         out = self.score([(ctx, cont) for _, ctx, cont in requests])
         for (key, _, _), answer in zip(requests, out):
@@ -214,7 +218,13 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    import datasets
+
+    # lm-eval warns about every custom_dataset task and datasets draws a bar per split: noise on a terminal
+    # whose progress is our reporter's
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     ddir = data_dir(data_dir_path)
     # the stock index holds thousands of YAML files; scan it only when a stock task is asked for
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not _task_names_local(names),
@@ -229,6 +239,9 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"tasks {', '.join(names)}: {msg} (local task data is read from {ddir}; set "
                         f"tasks.data_dir or ${DATA_DIR_ENV})") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return {task: _clean_metrics(metrics) for task, metrics in out["results"].items()} | {
         "_meta": {"n_samples": out.get("n-samples", {}), "versions": out.get("versions", {}),
                   "n_shot": out.get("n-shot", {}), "lm_eval_version": lm_eval.__version__
