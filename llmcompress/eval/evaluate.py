@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models import is_quantized_dir, load_model, resolve_model
 from ..progress import Reporter
 from .gates import check_gates, require_measurements
-from .harness import run_tasks
+from .harness import check_task_names, run_tasks
 from .perplexity import perplexity
 from .report import comparison_rows, write_report
 from .speed import checkpoint_size_bytes, measure_speed
@@ -141,6 +141,7 @@ def evaluate_model(model_cfg: ModelConfig, role: str, cfg: EvaluateConfig, repor
 
 def run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter) -> dict:
     require_measurements(cfg)
+    check_task_names(cfg.tasks.names)
     candidate = inputs.model or cfg.model
     plan: list[tuple[str, str]] = ([("baseline", cfg.baseline)] if cfg.baseline else []) + \
         [("compare", c) for c in cfg.compare]

@@ -204,9 +204,16 @@ class LlmcLM(_lm_base()):
                            clean_up_tokenization_spaces=False) for row in out]
 
 
-def _task_names_local(names: list[str]) -> bool:
-    local = {p.stem for p in TASKS_DIR.glob("*.yaml")}
-    return all(n in local for n in names)
+def local_tasks() -> list[str]:
+    """Names of the task configs shipped in llmcompress/eval/tasks."""
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def check_task_names(names: list[str]) -> None:
+    """A misspelt shipped task fails before any model is loaded (stock names are checked by lm-eval)."""
+    bad = [n for n in names if n.startswith("llmc_") and n not in local_tasks()]
+    if bad:
+        raise UserError(f"tasks.names: unknown {', '.join(bad)}; shipped local tasks: {', '.join(local_tasks())}")
 
 
 def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None,
@@ -227,7 +234,7 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None
     datasets.disable_progress_bars()
     ddir = data_dir(data_dir_path)
     # the stock index holds thousands of YAML files; scan it only when a stock task is asked for
-    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not _task_names_local(names),
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(names) <= set(local_tasks()),
                      metadata={"llmc_data_dir": str(ddir)})
     lm = LlmcLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, reporter=reporter)
     try:
@@ -235,7 +242,12 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None
                                       task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except KeyError as e:
+        if "not a registered" not in str(e):
+            raise
+        raise UserError(f"tasks: {e.args[0]} (shipped local tasks: {', '.join(local_tasks())}; stock lm-eval "
+                        f"task names need the hub)") from None
+    except (ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"tasks {', '.join(names)}: {msg} (local task data is read from {ddir}; set "
                         f"tasks.data_dir or ${DATA_DIR_ENV})") from None

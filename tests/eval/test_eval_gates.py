@@ -50,3 +50,17 @@ def test_gates_that_cannot_be_measured_fail_before_any_work():
         require_measurements(cfg)
     cfg = load_config(EvaluateConfig, overrides=["gates.max_ppl=50", "ppl.enabled=true"])
     require_measurements(cfg)  # an absolute gate needs no baseline
+
+
+def test_a_misspelt_shipped_task_fails_before_any_model_is_loaded(tmp_path):
+    from llmcompress.config import ModelConfig
+    from llmcompress.eval.evaluate import run
+    from llmcompress.progress import Reporter
+    from llmcompress.stages import StageInputs
+
+    cfg = load_config(EvaluateConfig, overrides=["tasks.names=[llmc_arc_easy, llmc_arc_eazy]"])
+    # a model name that does not exist: reaching the loader would raise a different error
+    inputs = StageInputs(model=ModelConfig(name="/nonexistent/model"))
+    with pytest.raises(UserError, match=r"unknown llmc_arc_eazy; shipped local tasks: llmc_arc_challenge, "
+                                        r"llmc_arc_easy"):
+        run(cfg, tmp_path, inputs, Reporter())
