@@ -210,7 +210,7 @@ def run(cfg: CalibrateConfig, out_dir: Path, inputs, reporter: Optional[Reporter
         for kind, s in rec.items():
             # q/k/v (and gate/up) share one input observer: clone so each name owns its tensor on disk
             tensors.update({k: v.detach().clone() for k, v in s.tensors(f"{name}.{kind}").items()})
-    save_file(tensors, str(out_dir / STATS_FILE), metadata={"format": "llmc-calibration", "version": "1"})
+    save_file(tensors, str(out_dir / STATS_FILE), metadata={"format": "llmc-calibration-v1"})
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     summary = {
         "samples": len(texts), "tokens": tokens, "batches": len(batches), "histogram_bins": cfg.histogram_bins,

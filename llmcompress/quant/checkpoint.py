@@ -81,7 +81,8 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, 
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["quantization_config"] = qc
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    # one metadata key only: safetensors writes a multi-key mapping in hash order, so bytes would differ per run
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)

@@ -7,6 +7,7 @@ rounded on its own: W_q = clamp(round(W / s) + z, qmin, qmax). Algorithms that c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,8 +47,8 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, observer: Optional[Observe
 
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
     """SQNR in dB (10·log10 ‖W‖² / ‖W − Ŵ‖²) and the largest absolute error."""
-    w, w_hat = w.detach().double(), w_hat.detach().double()
-    noise = (w - w_hat).pow(2).sum().item()
-    signal = w.pow(2).sum().item()
-    sqnr = float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
-    return {"sqnr_db": sqnr, "max_abs_err": (w - w_hat).abs().max().item()}
+    w, diff = w.detach().float(), (w.detach().float() - w_hat.detach().float())
+    noise = diff.pow(2).sum(dtype=torch.float64).item()
+    signal = w.pow(2).sum(dtype=torch.float64).item()
+    sqnr = float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
+    return {"sqnr_db": sqnr, "max_abs_err": diff.abs().max().item()}
