@@ -27,7 +27,7 @@ import torch
 from llmcompress.kernels import ops, reference
 
 FULL_M = [1, 4, 16, 32, 128, 1024, 4096]
-FULL_KN = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
+FULL_KN = [(8192, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]
 GROUP = 128
 
 
@@ -245,13 +245,18 @@ def main() -> None:
             print("  ".join(f"{r['op']}={r['us']:.1f}us" for r in new), f"[M={m} K={k} N={n}]", flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    speedups = ratios(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, speedups=speedups), indent=1))
-    md = markdown(meta, rows, speedups)
-    (args.out / "bench.md").write_text(md)
-    plot(rows, args.out / "bench.png", name)
+            md = write(args.out, meta, rows)  # after every shape, so a run cut short still leaves results
     print(md.split("## All timings")[0])
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> str:
+    speedups = ratios(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, speedups=speedups), indent=1))
+    md = markdown(meta, rows, speedups)
+    (out / "bench.md").write_text(md)
+    plot(rows, out / "bench.png", meta["device_name"])
+    return md
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("LLMC_NO_CUDA")
 
 
+def cutlass_include() -> str | None:
+    """CUTLASS headers for the Hopper W8A8 GEMM ($LLMC_CUTLASS_DIR, else <checkout>/.cutlass/include, e.g. from
+    the nvidia-cutlass wheel's cutlass_library/source/include); used only when building for sm_90a."""
+    path = os.environ.get("LLMC_CUTLASS_DIR") or str(Path(__file__).resolve().parents[2] / ".cutlass" / "include")
+    wants_sm90a = "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    return path if wants_sm90a and (Path(path) / "cutlass" / "cutlass.h").exists() else None
+
+
+def nvcc_flags() -> list[str]:
+    include = cutlass_include()
+    return NVCC_FLAGS + (["-DLLMC_WITH_CUTLASS", f"-I{include}"] if include else [])
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmcompress"))
     tag = f"torch{torch.__version__.replace('+', '_')}-cuda{torch.version.cuda or 'none'}"
@@ -79,7 +92,7 @@ def load_extension() -> frozenset[str]:
     cuda = want_cuda()
     try:
         load(name="llmc_kernels", sources=cpu_sources() + (cuda_sources() if cuda else []),
-             extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS, build_directory=str(cache_dir()),
+             extra_cflags=CXX_FLAGS, extra_cuda_cflags=nvcc_flags(), extra_ldflags=LD_FLAGS, build_directory=str(cache_dir()),
              with_cuda=cuda, is_python_module=False, verbose=bool(os.environ.get("LLMC_VERBOSE_BUILD")))
     except Exception as e:  # a broken toolchain must not break the package: the reference still works
         return _fallback(f"JIT build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")

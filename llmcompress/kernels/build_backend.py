@@ -43,7 +43,7 @@ def extension_kwargs() -> dict:
     rel = lambda paths: [os.path.relpath(p, root) for p in paths]  # noqa: E731  (setuptools wants relative)
     if build.want_cuda():
         ext = CUDAExtension("llmcompress.kernels._C", rel(build.cpu_sources() + build.cuda_sources()),
-                            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
+                            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.nvcc_flags()},
                             extra_link_args=build.LD_FLAGS)
     else:
         ext = CppExtension("llmcompress.kernels._C", rel(build.cpu_sources()),

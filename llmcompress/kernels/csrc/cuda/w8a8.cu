@@ -5,7 +5,8 @@
 // features; the warps split K and reduce their int32 partials in shared memory. Each lane loads 16
 // contiguous bytes of weight (rows g and g + 8) and of activations (token g): the mma's k order only has to
 // be the same for A and B, so 16-byte loads feed two k32 steps without any repacking of the checkpoint.
-// Prefill shapes: cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product, then the same epilogue.
+// Prefill shapes: the CUTLASS sm90 wgmma GEMM with the epilogue fused (w8a8_sm90.cuh) where built, else
+// cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product and a separate epilogue kernel.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +14,7 @@
 #include "../checks.h"
 #include "common.cuh"
 #include "ops.h"
+#include "w8a8_sm90.cuh"
 
 namespace llmc::cuda {
 namespace {
@@ -148,6 +150,12 @@ at::Tensor w8a8_mm_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, const 
   if (M == 0 || N == 0) return out;
   // cuBLASLt int8 (torch._int_mm) wants M > 16 and K, N multiples of 8; it wins once weights are reused.
   const bool prefill = M > 64 && K % 8 == 0 && N % 8 == 0 && K >= 16;
+  if (M > 64) {
+    const bool done = out_dtype == at::kBFloat16 ? w8a8_sm90_bf16(x_q, x_scale, w_q, w_scale, bp, out)
+                    : out_dtype == at::kHalf     ? w8a8_sm90_f16(x_q, x_scale, w_q, w_scale, bp, out)
+                                                 : w8a8_sm90_f32(x_q, x_scale, w_q, w_scale, bp, out);
+    if (done) return out;
+  }
   if (prefill) {
     const at::Tensor acc = at::_int_mm(x_q, w_q.t());
     if (out_dtype == at::kFloat) launch_epilogue<float>(acc, x_scale, w_scale, bp, out);
