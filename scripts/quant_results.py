@@ -43,6 +43,7 @@ from llmcompress.quant.quantize import quantize_model  # noqa: E402
 OUT = ROOT / "scripts" / "results"
 W4 = ["weights.format=int4", "weights.granularity=group", "activations.format=none"]
 W8A8 = ["weights.format=int8", "weights.granularity=channel", "weights.symmetric=true", "activations.format=int8"]
+SQ_GRID = "smoothquant.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8]"
 LAYOUTS = {"g64_sym": ["weights.group_size=64", "weights.symmetric=true"],
            "g64_asym": ["weights.group_size=64", "weights.symmetric=false"],
            "g128_sym": ["weights.group_size=128", "weights.symmetric=true"]}
@@ -56,16 +57,26 @@ def configurations() -> dict[str, dict]:
             c[f"rtn_{lay}_{obs}"] = {"label": f"RTN W4A16 {lay} ({obs})",
                                      "set": W4 + over + ["method=rtn", f"weights.observer={obs}"]}
         c[f"gptq_{lay}"] = {"label": f"GPTQ W4A16 {lay}", "set": W4 + over + ["method=gptq"]}
-        c[f"gptq_{lay}_actorder"] = {"label": f"GPTQ W4A16 {lay} act_order",
-                                     "set": W4 + over + ["method=gptq", "gptq.act_order=true"]}
-        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay}", "set": W4 + over + ["method=awq"]}
+        c[f"gptq_{lay}_actorder_mse"] = {"label": f"GPTQ W4A16 {lay} act_order, mse observer",
+                                         "set": W4 + over + ["method=gptq", "gptq.act_order=true",
+                                                             "weights.observer=mse"]}
+        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"]}
+        c[f"awq_{lay}_noduo"] = {"label": f"AWQ W4A16 {lay} (s = x̄^α)",
+                                 "set": W4 + over + ["method=awq", "awq.duo_scaling=false"]}
+        c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",
+                                "set": W4 + over + ["method=awq", "awq.duo_scaling=false", "awq.gptq=true",
+                                                    "gptq.act_order=true", "weights.observer=mse"]}
     c["w8a8_static"] = {"label": "W8A8 static per-tensor (RTN)", "set": W8A8 + ["activations.dynamic=false"]}
     c["w8a8_static_sq"] = {"label": "W8A8 static per-tensor + SmoothQuant (α searched)",
-                           "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true",
-                                          "smoothquant.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8]"]}
+                           "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true", SQ_GRID]}
     c["w8a8_dynamic"] = {"label": "W8A8 dynamic per-token (RTN)", "set": W8A8 + ["activations.dynamic=true"]}
     c["w8a8_dynamic_gptq"] = {"label": "W8A8 dynamic per-token (GPTQ)",
                               "set": W8A8 + ["activations.dynamic=true", "method=gptq"]}
+    c["w8a8_dynamic_sq"] = {"label": "W8A8 dynamic per-token + SmoothQuant (α searched)",
+                            "set": W8A8 + ["activations.dynamic=true", "smoothquant.enabled=true", SQ_GRID]}
+    c["w8a8_dynamic_sq_gptq"] = {"label": "W8A8 dynamic per-token + SmoothQuant + GPTQ",
+                                 "set": W8A8 + ["activations.dynamic=true", "smoothquant.enabled=true", SQ_GRID,
+                                                "method=gptq"]}
     c["fp8_w8a8_dynamic"] = {"label": "FP8 E4M3 W8A8 dynamic per-token",
                              "set": ["weights.format=fp8", "weights.granularity=channel", "activations.format=fp8",
                                      "activations.dynamic=true"]}
@@ -95,6 +106,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--windows", type=int, default=16, help="windows of --seq-len tokens scored")
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--skip-ppl", action="store_true", help="time the quantization only")
     ap.add_argument("--force", action="store_true", help="recompute the cached unquantized baseline too")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--exp", action="append", default=[], metavar="NAME=OV|OV|...",
@@ -128,7 +140,8 @@ def main() -> None:
         return perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len + 1)
 
     cached = results.get("unquantized", {})
-    if args.force or cached.get("protocol") != protocol or (args.only and "unquantized" in names):
+    if not args.skip_ppl and (args.force or cached.get("protocol") != protocol
+                              or (args.only and "unquantized" in names)):
         r = score(base_model)
         results["unquantized"] = {"label": confs["unquantized"]["label"], "ppl": r["ppl"],
                                   "tokens_scored": r["tokens_scored"], "device": where, "protocol": protocol}
@@ -140,17 +153,26 @@ def main() -> None:
         model = copy.deepcopy(base_model)
         cfg = load_config(QuantizeConfig, overrides=spec.get("set") or [])
         t0 = time.perf_counter()
-        if "kv" in spec:
-            kv_only(model, tok, *spec["kv"], cfg)
-            rows = []
-        else:
-            rows = quantize_model(model, cfg, None, None, tok)
-        seconds = time.perf_counter() - t0
-        r = score(model)
-        results[name] = {"label": spec["label"], "ppl": r["ppl"], "quantize_seconds": seconds, "device": where,
-                         "overrides": spec.get("set"), "kv": spec.get("kv"), "layers": len(rows),
-                         "protocol": protocol}
-        print(f"{name}: ppl {r['ppl']:.3f} (quantize {seconds:.1f} s)", flush=True)
+        try:
+            if "kv" in spec:
+                kv_only(model, tok, *spec["kv"], cfg)
+                rows = []
+            else:
+                rows = quantize_model(model, cfg, None, None, tok)
+            seconds = time.perf_counter() - t0
+            ppl = None if args.skip_ppl else score(model)["ppl"]
+        except Exception as e:  # one broken configuration must not lose the others' numbers
+            print(f"{name}: FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
+        entry = {"label": spec["label"], "quantize_seconds": seconds, "device": where, "threads":
+                 torch.get_num_threads(), "overrides": spec.get("set"), "kv": spec.get("kv"), "layers": len(rows),
+                 "protocol": protocol}
+        if ppl is not None:
+            entry["ppl"] = ppl
+        results.setdefault(name, {}).update(entry)
+        if ppl is None:
+            results[name][f"quantize_seconds_{where}"] = seconds
+        print(f"{name}: ppl {ppl} (quantize {seconds:.1f} s on {where})", flush=True)
         del model
         store.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     store.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -164,7 +186,7 @@ def table(results: dict, confs: dict) -> str:
              "| --- | ---: | ---: | ---: | --- |"]
     for name in confs:
         r = results.get(name)
-        if not r:
+        if not r or "ppl" not in r:
             continue
         delta = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base and name != "unquantized" else ""
         secs = f"{r['quantize_seconds']:.1f} s" if "quantize_seconds" in r else ""

@@ -207,6 +207,8 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
               "kv_cache": kv_config(model) or asdict(cfg.kv_cache), "include": cfg.include, "exclude": cfg.exclude}
     if cfg.method in SEQUENTIAL_METHODS:
         config[cfg.method] = asdict(getattr(cfg, cfg.method))
+    if cfg.method == "awq" and cfg.awq.gptq:
+        config["gptq"] = asdict(cfg.gptq)
     if cfg.smoothquant.enabled:
         config["smoothquant"] = asdict(cfg.smoothquant)
     save_quantized(model, out_dir, tok, cfg.method, config)

@@ -191,7 +191,7 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
 
         # 3. weights: GPTQ (stacked per group: rows are independent given H) or RTN; Ŵ goes in for the final pass
         floats = {rel: lin.weight.detach().clone() for rel, lin in mine.items()}
-        if method == "gptq":
+        if method == "gptq" or (method == "awq" and cfg.awq.gptq):
             stages = [[g] for g in groups] if cfg.gptq.true_sequential else [groups]
             for stage in stages:
                 hess = _hessians(layer, lw, masks, mine, stage)
