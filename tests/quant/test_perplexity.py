@@ -9,7 +9,7 @@ import pytest
 from llmcompress.config import ActivationQuantConfig, QuantizeConfig, WeightQuantConfig
 from llmcompress.eval.perplexity import perplexity
 from llmcompress.quant.quantize import quantize_model
-from conftest import shared_data
+from llmcompress.data import load_text
 
 pytestmark = pytest.mark.slow
 TOKENS = 8 * 2048
@@ -17,7 +17,7 @@ TOKENS = 8 * 2048
 
 @pytest.fixture(scope="module")
 def text():
-    return shared_data("wikitext-2-raw/test.txt").read_text()
+    return load_text("builtin:wikitext2_test")  # byte-identical to ../shared/data/wikitext-2-raw/test.txt
 
 
 @pytest.fixture(scope="module")
