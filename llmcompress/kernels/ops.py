@@ -150,7 +150,7 @@ def _pack_cuda(p: PackedW4) -> PackedW4:
 def w4a16_linear(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W the int4 weight, dequantized group-wise inside the kernel; y.dtype = x.dtype."""
     k = x.shape[-1]
-    if not (packed.in_features - 1 <= k <= packed.in_features) or -(-k // 2) > packed.qweight.shape[1]:
+    if not (packed.in_features - 1 <= k <= packed.in_features):
         raise ValueError(f"x has {k} features but the int4 weight holds {packed.in_features}")
     x2 = x.reshape(-1, k)
     if packed.layout == "cuda-mma" or (packed.layout == "nibble-rows" and x.device.type == "cpu"

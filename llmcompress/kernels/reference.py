@@ -32,7 +32,9 @@ def quantize_per_token(x: torch.Tensor, scale: torch.Tensor | None = None) -> tu
     x2 = x.reshape(-1, x.shape[-1]).float()
     if scale is None:
         amax = x2.abs().amax(dim=-1)
-        s = amax / QMAX
+        # A tensor divisor: torch on CUDA turns division by a Python number into a multiply by its
+        # reciprocal, which is not the IEEE quotient the kernels (and torch on CPU) compute.
+        s = amax / torch.full_like(amax, QMAX)
         s = torch.where(amax == 0, torch.ones_like(s), s)
     else:
         s = scale.float().reshape(()).expand(x2.shape[0])
