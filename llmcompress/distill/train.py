@@ -121,6 +121,13 @@ def encode(rows: list[dict], tok, max_length: int, use_ids: bool, art=None, stor
     return out
 
 
+def split(examples: list, cfg: TrainStudentConfig) -> tuple[list, list]:
+    """(train, held-out): a seeded eval_fraction of the rows is held out."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = max(1, round(cfg.eval_fraction * len(examples)))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right padding for training; padded positions are IGNORE and masked out of attention."""
     width = max(len(e["ids"]) for e in examples)
@@ -168,6 +175,7 @@ def evaluate(student, teacher, examples: list[dict], cfg: TrainStudentConfig, de
     student) at T = 1 (from the live teacher, else from the stored top-k, a lower bound)."""
     student.eval()
     ce_sum = kl_sum = loss_sum = 0.0
+    has_kl = False
     n_tok = 0
     for i in range(0, len(examples), cfg.batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + cfg.batch_size], pad_id).items()}
@@ -175,6 +183,7 @@ def evaluate(student, teacher, examples: list[dict], cfg: TrainStudentConfig, de
             rows, targets, t_rows = _forward(student, teacher, batch)
         n = len(targets)
         ce_sum += F.cross_entropy(rows.float(), targets, reduction="sum").item()
+        has_kl = has_kl or t_rows is not None or "top_ids" in batch
         if t_rows is not None:
             kl_sum += kd_full(rows, t_rows, 1.0).item() * n
         elif "top_ids" in batch:
@@ -188,7 +197,7 @@ def evaluate(student, teacher, examples: list[dict], cfg: TrainStudentConfig, de
     student.train()
     ce = ce_sum / max(n_tok, 1)
     return {"eval_loss": loss_sum / max(n_tok, 1), "eval_ce": ce, "eval_ppl": math.exp(min(ce, 50.0)),
-            "eval_kl": kl_sum / max(n_tok, 1), "eval_tokens": n_tok}
+            "eval_kl": kl_sum / max(n_tok, 1) if has_kl else None, "eval_tokens": n_tok}
 
 
 def _forward(student, teacher, batch):
@@ -257,21 +266,19 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
     else:
         student = build_student(teacher, cfg.keep_every).to(device)
         same_vocab = True
-    if cfg.alpha == 0 or cfg.kd_source == "stored":
-        teacher = None  # not needed in memory for training (the student was built already)
-    else:
+    if cfg.kd_source == "stored":
+        teacher = None  # the stored top-k stands in for it (the student was built already)
+    else:  # online: the teacher's logits for KD (α > 0) and for the held-out KL (any α)
         teacher.eval().requires_grad_(False)
 
     art = inputs.artifact
-    stored = cfg.alpha > 0 and cfg.kd_source == "stored"
-    examples = encode(read_distill_rows(art), tok, cfg.max_length, same_vocab, art, stored)
+    rows = read_distill_rows(art)
+    stored = cfg.kd_source == "stored" and (cfg.alpha > 0 or "logprobs_file" in rows[0])
+    examples = encode(rows, tok, cfg.max_length, same_vocab, art, stored)
     if len(examples) < 2:
         raise UserError(f"{art.path}: need at least 2 usable rows (got {len(examples)}); raise max_length or "
                         f"generate more data")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_eval = max(1, round(cfg.eval_fraction * len(examples)))
-    held_out = [examples[i] for i in order[:n_eval]]
-    train_set = [examples[i] for i in order[n_eval:]]
+    train_set, held_out = split(examples, cfg)
 
     model = student
     if world > 1:
@@ -304,7 +311,7 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
                                                           pad_id).items()}
             sync = a == cfg.grad_accum - 1 or world == 1  # all-reduce gradients once per optimizer step
             with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, cfg):
-                rows, targets, t_rows = _forward(model, teacher, batch)
+                rows, targets, t_rows = _forward(model, teacher if cfg.alpha > 0 else None, batch)
                 loss, kd, ce = distill_loss(rows, targets, cfg.alpha, cfg.temperature, t_rows,
                                             batch.get("top_ids"), batch.get("top_lp"), cfg.kd_tail)
                 (loss / cfg.grad_accum).backward()
