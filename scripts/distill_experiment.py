@@ -39,11 +39,14 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, loaded CPU)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llmc-distill-exp",
+                    help="artifacts; a rerun with the same settings resumes the generation from here")
     ap.add_argument("--out", type=Path, default=RESULTS / "distill_experiment.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="llmc-distill-exp-"))
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
@@ -93,7 +96,7 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result, indent=2, default=str))
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # only once the results are written
 
 
 if __name__ == "__main__":
