@@ -140,16 +140,19 @@ def test_resume_after_interrupt_equals_uninterrupted_run(smollm_path, workdir):
         (whole.path / "logprobs" / "train-00000.safetensors").read_bytes()
 
 
-def test_difficulty_filter_on_metadata(smollm_path, workdir):
-    """GSM8K 'answer' lines = solution steps: only problems of 2 steps or fewer are prompted."""
-    cfg = _cfg(prompts={**GSM, "num_samples": 3}, difficulty={"field": "answer", "max": 2},
-               max_new_tokens=2, styles={"plain": 1.0})
-    art = run_stage("distill-data", cfg, workdir / "dd", StageInputs(model=from_dict(
-        type(cfg.teacher), {"name": str(smollm_path)})))
+def test_difficulty_filter_on_metadata_and_length(smollm):
+    """GSM8K 'answer' lines = solution steps: only problems of 2 steps or fewer are prompted; prompt length
+    bounds are in tokens."""
     from llmcompress.data import load_rows
+    from llmcompress.distill.generate import select_prompts
 
+    _, tok = smollm
+    cfg = _cfg(prompts={**GSM, "num_samples": 50}, difficulty={"field": "answer", "max": 2})
+    prompts, counts = select_prompts(cfg, tok)
     src = load_rows("builtin:gsm8k_train")
-    for r in _rows(art.path):
-        assert _difficulty_value(src[r["row_index"]]["answer"]) <= 2
-    s = art.manifest["summary"]
-    assert s["filter_out_of_range"] > 0 and s["filter_selected"] == 3
+    assert len(prompts) == 50 and counts["out_of_range"] > 0
+    assert all(_difficulty_value(src[p["row_index"]]["answer"]) <= 2 for p in prompts)
+    cfg = _cfg(prompts={**GSM, "num_samples": 400}, difficulty={"min_prompt_tokens": 40, "max_prompt_tokens": 60})
+    prompts, counts = select_prompts(cfg, tok)
+    assert prompts and all(40 <= p["n_tokens"] <= 60 for p in prompts)
+    assert counts["too_short"] + counts["too_long"] + len(prompts) == 400
