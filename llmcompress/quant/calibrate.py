@@ -80,9 +80,9 @@ class TensorStats:
             obs.hist.counts, obs.hist.radius = self.hist.counts.clone(), self.hist.radius.clone()
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.min": self.min, f"{prefix}.max": self.max, f"{prefix}.hist": self.hist.counts[0],
-                f"{prefix}.radius": self.hist.radius.reshape(()), f"{prefix}.count": torch.tensor(self.count),
-                f"{prefix}.nonfinite": torch.tensor(self.nonfinite)}
+        return {f"{prefix}.min": self.min.cpu(), f"{prefix}.max": self.max.cpu(),
+                f"{prefix}.hist": self.hist.counts[0].cpu(), f"{prefix}.radius": self.hist.radius.reshape(()).cpu(),
+                f"{prefix}.count": torch.tensor(self.count), f"{prefix}.nonfinite": torch.tensor(self.nonfinite)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str) -> "TensorStats":

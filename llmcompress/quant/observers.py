@@ -44,7 +44,7 @@ class Histogram:
         rows = rows.detach().float()
         amax = rows.abs().amax(dim=1)
         if self.counts is None:
-            self.counts = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64)
+            self.counts = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=rows.device)
             self.radius = torch.where(amax > 0, amax, torch.full_like(amax, 1e-12))
         if self.counts.shape[0] != rows.shape[0]:
             raise ValueError(f"observer saw {rows.shape[0]} rows, then {self.counts.shape[0]}")
@@ -53,18 +53,18 @@ class Histogram:
             if not need.any():
                 break
             merged = self.counts[need].view(-1, self.bins // 2, 2).sum(-1)
-            grown = torch.zeros(merged.shape[0], self.bins, dtype=torch.float64)
+            grown = torch.zeros(merged.shape[0], self.bins, dtype=torch.float64, device=merged.device)
             grown[:, self.bins // 4: 3 * self.bins // 4] = merged
             self.counts[need] = grown
             self.radius[need] *= 2
         width = 2 * self.radius / self.bins
         idx = torch.floor((rows + self.radius[:, None]) / width[:, None]).long().clamp_(0, self.bins - 1)
-        idx += torch.arange(rows.shape[0])[:, None] * self.bins
+        idx += torch.arange(rows.shape[0], device=rows.device)[:, None] * self.bins
         self.counts.view(-1).add_(torch.bincount(idx.view(-1), minlength=self.counts.numel()).double())
 
     def edges(self) -> torch.Tensor:
         """[C, B + 1] bin edges."""
-        steps = torch.linspace(-1, 1, self.bins + 1, dtype=torch.float64)
+        steps = torch.linspace(-1, 1, self.bins + 1, dtype=torch.float64, device=self.radius.device)
         return self.radius.double()[:, None] * steps[None, :]
 
     def centers(self) -> torch.Tensor:
@@ -241,16 +241,17 @@ class KLObserver(Observer):
         levels = int(self.spec.qmax) + 1 if not self.spec.is_float else 128
         levels = min(levels, half)
         stride = self.stride or max(1, half // 256)
-        best_kl = torch.full((hist.shape[0],), math.inf, dtype=torch.float64)
-        best_i = torch.full((hist.shape[0],), half, dtype=torch.float64)
+        dev = hist.device
+        best_kl = torch.full((hist.shape[0],), math.inf, dtype=torch.float64, device=dev)
+        best_i = torch.full((hist.shape[0],), half, dtype=torch.float64, device=dev)
         for i in list(range(levels, half, stride)) + [half]:
             p = hist[:, :i].clone()
             p[:, -1] += hist[:, i:].sum(1)
             nonzero = (hist[:, :i] > 0).double()
             # merge i bins into `levels` chunks (chunk boundaries by integer division, as TensorRT does)
-            chunk = torch.arange(i) * levels // i
-            sums = torch.zeros(hist.shape[0], levels, dtype=torch.float64).index_add_(1, chunk, hist[:, :i])
-            nz = torch.zeros(hist.shape[0], levels, dtype=torch.float64).index_add_(1, chunk, nonzero)
+            chunk = torch.arange(i, device=dev) * levels // i
+            sums = torch.zeros(hist.shape[0], levels, dtype=torch.float64, device=dev).index_add_(1, chunk, hist[:, :i])
+            nz = torch.zeros(hist.shape[0], levels, dtype=torch.float64, device=dev).index_add_(1, chunk, nonzero)
             q = (sums / nz.clamp(min=1))[:, chunk] * nonzero
             p = p / p.sum(1, keepdim=True).clamp(min=1e-30)
             q = q / q.sum(1, keepdim=True).clamp(min=1e-30)
