@@ -372,6 +372,8 @@ class AWQConfig:
     grid: int = opt(20, "number of α values searched in [0, 1) for s = x̄^α (α = 0 is scale 1)", ge=1)
     duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α")
     gptq: bool = opt(False, "quantize the scaled weights with GPTQ (settings from gptq.*) instead of RTN")
+    clip: bool = opt(False, "after scaling, clip each group's weights to the max |w| that minimises its output "
+                     "error (AWQ's clip search; group granularity only)")
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
 
 

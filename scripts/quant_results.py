@@ -63,6 +63,8 @@ def configurations() -> dict[str, dict]:
         c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"]}
         c[f"awq_{lay}_noduo"] = {"label": f"AWQ W4A16 {lay} (s = x̄^α)",
                                  "set": W4 + over + ["method=awq", "awq.duo_scaling=false"]}
+        c[f"awq_{lay}_clip"] = {"label": f"AWQ W4A16 {lay} (duo scaling) + clip search",
+                                "set": W4 + over + ["method=awq", "awq.clip=true"]}
         c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",
                                 "set": W4 + over + ["method=awq", "awq.duo_scaling=false", "awq.gptq=true",
                                                     "gptq.act_order=true", "weights.observer=mse"]}
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--windows", type=int, default=16, help="windows of --seq-len tokens scored")
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--memory", action="store_true", help="GPU peak memory of GPTQ W4 g64 with sequential "
+                    "onloading (model on CPU, one decoder layer on the GPU at a time) against the whole model on it")
     ap.add_argument("--skip-ppl", action="store_true", help="time the quantization only")
     ap.add_argument("--force", action="store_true", help="recompute the cached unquantized baseline too")
     ap.add_argument("--out", default=str(OUT))
@@ -120,6 +124,8 @@ def main() -> None:
         for k, v in confs.items():
             print(f"{k:28s} {v['label']}")
         return
+    if args.memory:
+        return memory(Path(args.out))
     names = [n for n in args.only.split(",") if n] or list(confs)
     unknown = [n for n in names if n not in confs]
     if unknown:
@@ -178,6 +184,31 @@ def main() -> None:
     store.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "quant_results.md").write_text(table(results, confs))
     print(table(results, confs))
+
+
+def memory(out: Path) -> None:
+    """Peak CUDA memory of the same GPTQ run twice: onloading one layer at a time, and the whole model on the GPU."""
+    from llmcompress.quant.quantize import observer_factory, select_linears, weight_spec
+    from llmcompress.quant.sequential import run_on_calibration_data
+
+    cfg = load_config(QuantizeConfig, overrides=W4 + LAYOUTS["g64_sym"] + ["method=gptq"])
+    rec = {}
+    for mode in ("onload", "whole"):
+        model, tok = load_model("smollm2-135m", device="cpu" if mode == "onload" else "cuda", dtype="float32")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        linears = select_linears(model, cfg.include, cfg.exclude)
+        t0 = time.perf_counter()
+        res = run_on_calibration_data(model, tok, linears, weight_spec(cfg.weights), observer_factory(cfg.weights),
+                                      cfg, None, device=torch.device("cuda"))
+        rec[mode] = {"peak_cuda_bytes": torch.cuda.max_memory_allocated(), "resident_before_bytes": base,
+                     "seconds": time.perf_counter() - t0,
+                     "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        print(mode, rec[mode], res.seconds, flush=True)
+        del model
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quant_memory.json").write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def table(results: dict, confs: dict) -> str:

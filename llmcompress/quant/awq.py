@@ -59,3 +59,34 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
         if err < best_loss:
             best_s, best_alpha, best_loss = s, alpha, err
     return best_s, {"alpha": best_alpha, "loss": best_loss, "loss_unscaled": unscaled}
+
+
+@torch.no_grad()
+def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Tensor], torch.Tensor],
+                group_size: int, grid: int = 20, max_shrink: float = 0.5, rows: int = 512) -> torch.Tensor:
+    # (group-wise weight quantization only: each group's clip range is its own scale's range)
+    """AWQ's weight clipping: per output row and group, the max |w| (shrunk by 1, 1 − 1/grid, …, 1 − max_shrink)
+    that minimises the group's own output error ‖X_g W_gᵀ − X_g Q(clip(W_g))ᵀ‖² on `rows` calibration rows.
+    Returns the clipped weight (quantize it with the same quantizer; min-max then lands on the chosen range)."""
+    x = x.float()
+    if x.shape[0] > rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+    w = w.float()
+    out = w.clone()
+    n, k = w.shape
+    for g0 in range(0, k, group_size):
+        wg, xg = w[:, g0:g0 + group_size], x[:, g0:g0 + group_size]
+        y = xg @ wg.t()
+        amax = wg.abs().amax(dim=1, keepdim=True)
+        best_err = torch.full((n,), float("inf"), device=w.device)
+        best = wg.clone()
+        for i in range(int(max_shrink * grid) + 1):
+            m = amax * (1 - i / grid)
+            cand = wg.clamp(-m, m)
+            q = fq_weight(cand)  # one group of the spec's group size: quantized exactly as inside W
+            err = (y - xg @ q.t()).pow(2).mean(dim=0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[better] = cand[better]
+        out[:, g0:g0 + group_size] = best
+    return out

@@ -187,6 +187,13 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                                          cfg.awq.grid, cfg.awq.duo_scaling, spec.group_size)
                 sq.fold_scales(producer, [mine[c] for c in cons], s)
                 row["awq_alpha"][prod] = rec["alpha"]
+                if cfg.awq.clip and spec.granularity == "group":
+                    x = inputs.get(prod) / s.to(producer.weight.device)  # the consumers now read X / s
+                    for c in cons:
+                        if c.endswith(("q_proj", "k_proj")):
+                            continue  # AutoAWQ leaves q/k unclipped: attention logits amplify their error
+                        mine[c].weight.copy_(awq_.clip_search(x, mine[c].weight, _weight_fake_quant(
+                            spec, new_observer), spec.group_size).to(mine[c].weight.dtype))
         del inputs
 
         # 3. weights: GPTQ (stacked per group: rows are independent given H) or RTN; Ŵ goes in for the final pass

@@ -92,3 +92,19 @@ def test_smoothquant_folding_leaves_the_real_model_unchanged(smollm):
     assert not torch.equal(model.model.layers[3].input_layernorm.weight,
                            smollm[0].model.layers[3].input_layernorm.weight)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=2e-3)
+
+
+def test_awq_clip_search_never_worse_per_group():
+    spec = QuantSpec("int4", True, "group", 64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 200, generator=g)
+    w = torch.randn(32, 200, generator=g)
+    w[:, 3] *= 6  # an outlier weight column: clipping it trades its error for the rest of its group's
+    from llmcompress.quant.awq import clip_search
+
+    c = clip_search(x, w, _fq(spec), 64, rows=300)
+    assert (c.abs() <= w.abs() + 1e-6).all() and not torch.equal(c, w)
+    for g0 in range(0, 200, 64):  # ragged last group of 8 too
+        xs, ws, cs = x[:, g0:g0 + 64], w[:, g0:g0 + 64], c[:, g0:g0 + 64]
+        err = lambda v: (xs @ ws.t() - xs @ _fq(spec)(v).t()).pow(2).mean(0)  # noqa: E731
+        assert (err(cs) <= err(ws) + 1e-5).all()
