@@ -220,7 +220,10 @@ def main() -> None:
     ap.add_argument("--m", default=None, help="comma-separated M values (default: the issue's set)")
     ap.add_argument("--shapes", default=None, help="K,N pairs as 'K:N,K:N' (default: the issue's set)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     ms = [int(v) for v in args.m.split(",")] if args.m else ([1, 4, 16, 128] if args.quick else FULL_M)
     kns = ([tuple(int(v) for v in p.split(":")) for p in args.shapes.split(",")] if args.shapes

@@ -57,6 +57,10 @@ def w8a8_mm(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """(x_q [M, K] int8 @ w_q [N, K]^T int8) * x_scale[m] * w_scale[n] + bias[n], in ``out_dtype``."""
+    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
+        raise ValueError(f"w8a8_mm: K differs or not 2-D: x_q {tuple(x_q.shape)} vs w_q {tuple(w_q.shape)}")
+    if x_q.dtype != torch.int8 or w_q.dtype != torch.int8:
+        raise ValueError(f"w8a8_mm: x_q and w_q must be int8, got {x_q.dtype} and {w_q.dtype}")
     if _has_kernel("w8a8_mm", x_q.device):
         return torch.ops.llmc.w8a8_mm(
             x_q.contiguous(), x_scale.float().contiguous(), w_q.contiguous(), w_scale.float().contiguous(), bias,

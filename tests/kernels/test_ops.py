@@ -139,7 +139,9 @@ def test_w4a16_linear(device, m, k, n, group_size, asym):
     y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(), group_size,
                              None if bias is None else bias.cpu(), compute_dtype=torch.float64)
     assert y.dtype == dtype and y.shape == (m, n)
-    assert rel_err(y.cpu(), y_ref) < TOL[dtype] + (3e-3 if device == "cuda" and dtype != torch.float16 else 0)
+    # CUDA runs fp32 activations through the bf16 tensor cores (documented in w4a16.cu): bf16 tolerance there.
+    tol = TOL[torch.bfloat16 if device == "cuda" and dtype == torch.float32 else dtype]
+    assert rel_err(y.cpu(), y_ref) < tol + (3e-3 if device == "cuda" and dtype != torch.float16 else 0)
 
 
 @pytest.mark.parametrize("k", [575, 1])
@@ -173,11 +175,11 @@ def test_w4a16_rejects_impossible_shapes():
 
 
 def test_w8a8_rejects_mismatched_k():
-    if not compiled("cpu"):
-        pytest.skip("compiled CPU kernels unavailable")
     w_q, w_scale = random_w8(8, 64, "cpu")
-    with pytest.raises(RuntimeError, match="K differs"):
-        torch.ops.llmc.w8a8_mm(torch.zeros(2, 32, dtype=torch.int8), torch.ones(2), w_q, w_scale, None, torch.float32)
+    with pytest.raises(ValueError, match="K differs"):
+        ops.w8a8_mm(torch.ones(2, 32, dtype=torch.int8), torch.ones(2), w_q, w_scale, None, torch.float32)
+    with pytest.raises(ValueError, match="int8"):
+        ops.w8a8_mm(torch.ones(2, 64), torch.ones(2), w_q, w_scale, None, torch.float32)
 
 
 # ------------------------------------------------------------------ opcheck and torch.compile
