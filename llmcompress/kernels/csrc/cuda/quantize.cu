@@ -47,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x, const
   if (M == 0) return {q, s};
   at::Tensor st;
   if (scale) st = scale->to(x.device(), at::kFloat).reshape({1}).contiguous();
-  const int threads = K >= 1024 ? 256 : 128;
+  // One block per row: enough threads that a decode-sized call (one row of 4096+) is not one slow block.
+  const int threads = K >= 4096 ? 1024 : K >= 1024 ? 256 : 128;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float* sp = st.defined() ? st.data_ptr<float>() : nullptr;
   switch (x.scalar_type()) {
