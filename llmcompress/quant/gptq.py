@@ -56,7 +56,7 @@ class GPTQResult:
     weight: torch.Tensor  # Ŵ [N, K], dequantized (exactly s·(q − z) of the returned scales)
     scale: torch.Tensor  # [] / [N] / [N, G], as `weight_qparams` returns for the spec
     zero_point: Optional[torch.Tensor]
-    error: float  # tr((W − Ŵ) H (W − Ŵ)ᵀ) / 2, the layer-wise squared error GPTQ minimises (per calibration row)
+    error: float  # tr((W − Ŵ) H (W − Ŵ)ᵀ) / 2: the layer-wise squared error GPTQ minimises, per calibration row
 
 
 def _column_spec(spec: QuantSpec) -> QuantSpec:
@@ -149,7 +149,7 @@ def _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, st
                 s, z = scale, zero
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = fake_quantize(w.unsqueeze(1), s, z, col_spec).squeeze(1)
+            q = _fake_quantize_column(w, s, z, spec, col_spec)
             Q1[:, i] = q
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -157,6 +157,19 @@ def _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, st
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q
+
+
+def _fake_quantize_column(w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], spec: QuantSpec,
+                          col_spec: QuantSpec) -> torch.Tensor:
+    """formats.fake_quantize of one column [N] with scale/zero [N] or [], its arithmetic inlined (same division,
+    round-half-even, clamp and order): the loop runs it K times, and the generic path's conversions cost more
+    than the math. The tests check Ŵ is a fixed point of formats.fake_quantize, so the two cannot drift."""
+    if spec.is_float:
+        return fake_quantize(w.unsqueeze(1), s, z, col_spec).squeeze(1)
+    s = s.float()
+    zf = float(spec.symmetric_zero) if z is None else z.float()
+    q = torch.clamp(torch.round(w / s) + zf, spec.qmin, spec.qmax)
+    return (q - zf) * s
 
 
 def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -10,7 +10,8 @@ and KV-cache scales, one decoder layer at a time.
             outputs of the quantized q/k/v, then gate/up, then down), or RTN
         run it again with the quantized weights: these outputs feed the next layer; static activation and KV
             scales are observed here, on the inputs the quantized model will really see
-        report its reconstruction error ‖y_q − y‖² / ‖y‖², put its float weights back, offload it
+        report its reconstruction error ‖y_q − y‖² / ‖y‖² (on the first ERROR_BATCHES batches unless the
+            float pass ran over all), put its float weights back, offload it
 
 Only one decoder layer's weights and activations need be on `device`. The groups of Linears reading one input
 and the op producing that input follow the Llama naming (Llama, Mistral, Qwen2 and SmolLM share it).
@@ -46,6 +47,10 @@ GROUPS = [
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 ]
+
+
+ERROR_BATCHES = 2  # batches (spread over the length-sorted set) the per-layer error is measured on when no
+# algorithm needs the float pass over all of them
 
 
 class _Stop(Exception):
@@ -152,12 +157,14 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         if need_x:
             for prod, cons in groups:
                 handles.append(mine[cons[0]].register_forward_pre_hook(_grab(inputs, absmax, prod, masks, lw)))
-        ref = []
-        try:
-            for b in range(len(lw.batches)):
+        ref = {}
+        try:  # the reference outputs cost a full pass; without SmoothQuant / AWQ, a few batches estimate the error
+            n_b = len(lw.batches)
+            spread = sorted({n_b * (j + 1) // ERROR_BATCHES - 1 for j in range(ERROR_BATCHES)})
+            for b in range(n_b) if need_x else spread:
                 lw.current = b
                 out = layer(lw.hidden[b], **lw.kwargs[b])
-                ref.append(out[0] if isinstance(out, (tuple, list)) else out)
+                ref[b] = out[0] if isinstance(out, (tuple, list)) else out
         finally:
             for h in handles:
                 h.remove()
@@ -225,9 +232,10 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                         kv.mask = masks[b]
                     out = layer(lw.hidden[b], **lw.kwargs[b])
                     out = out[0] if isinstance(out, (tuple, list)) else out
-                    m = masks[b]
-                    num += float((out - ref[b])[m].float().pow(2).sum())
-                    den += float(ref[b][m].float().pow(2).sum())
+                    if b in ref:
+                        m = masks[b]
+                        num += float((out - ref[b])[m].float().pow(2).sum())
+                        den += float(ref[b][m].float().pow(2).sum())
                     lw.hidden[b] = out
         finally:
             for h in handles:
