@@ -1,6 +1,6 @@
 """Perplexity of RTN-quantized SmolLM2-135M on the first 8 windows of 2,048 tokens of WikiText-2 test (16,384
 tokens), against the unquantized model on the same windows. Reproduce the numbers with
-`python scripts/quant_ppl.py` (same protocol)."""
+`pytest tests/quant/test_perplexity.py -s` (each test prints its number)."""
 
 import copy
 
@@ -37,6 +37,7 @@ def test_w8_per_channel_weight_only_within_half_percent(smollm, text, base_ppl, 
     ppl = quantized_ppl(smollm, text, WeightQuantConfig(format="int8", granularity="channel"),
                         ActivationQuantConfig(format="none"))
     record_property("ppl", {"base": base_ppl, "w8": ppl})
+    print(f"W8 per-channel: {ppl:.3f} vs unquantized {base_ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f}%)")
     assert ppl <= base_ppl * 1.005, (base_ppl, ppl)
 
 
@@ -44,6 +45,7 @@ def test_w8a8_dynamic_per_token_within_four_percent(smollm, text, base_ppl, reco
     ppl = quantized_ppl(smollm, text, WeightQuantConfig(format="int8", granularity="channel"),
                         ActivationQuantConfig(format="int8", dynamic=True))
     record_property("ppl", {"base": base_ppl, "w8a8": ppl})
+    print(f"W8A8 dynamic: {ppl:.3f} vs unquantized {base_ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f}%)")
     assert ppl <= base_ppl * 1.04, (base_ppl, ppl)
 
 
