@@ -93,6 +93,16 @@ def _timed(fn: Callable[[], float], device: torch.device, warmup: int, repeats: 
     return statistics.median(fn() for _ in range(repeats))
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -153,7 +163,7 @@ def measure_speed(model, cfg: SpeedConfig, *, seed: int = 0, reporter: Optional[
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "prefill": {str(k): v for k, v in prefill.items()},
         "decode": {str(k): v for k, v in decode.items()},
