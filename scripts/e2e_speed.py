@@ -192,15 +192,19 @@ def main(argv=None):
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(json.dumps(row), flush=True)
             results.append(row)
+            write(Path(args.out), args, results, argv)  # after every row: a cut-off run keeps what it measured
             model = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-    out = Path(args.out)
+    write(Path(args.out), args, results, argv)
+
+
+def write(out: Path, args, results: list, argv) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_speed.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    keys = [k for k in results[0] if k.endswith("tok_s")] if results else []
+    keys = list(dict.fromkeys(k for r in results for k in r if k.endswith("tok_s")))
     lines = [f"command: python scripts/e2e_speed.py {' '.join(argv or __import__('sys').argv[1:])}", "",
              "| model | scheme | " + " | ".join(keys) + " | speedup vs bf16 (decode b1) |",
              "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |"]
