@@ -120,9 +120,12 @@ void w4_rows(const W4Args& a, const float* xe, const float* xo, int64_t ldx, con
     for (int i = 0; i < MR; ++i) yv[r][i] = _mm256_setzero_ps(), ys[r][i] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t j0 = g * gbytes, j1 = std::min(kh, j0 + gbytes), jv = j0 + ((j1 - j0) & ~int64_t(15));
-    __m256 acc[NR][MR][2];
+    // Two accumulators per row hide FMA latency; past 4 rows x weight-rows one each keeps them in registers.
+    constexpr int A = MR * NR <= 4 ? 2 : 1;
+    __m256 acc[NR][MR][A];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < MR; ++i) acc[r][i][0] = acc[r][i][1] = _mm256_setzero_ps();
+      for (int i = 0; i < MR; ++i)
+        for (int a = 0; a < A; ++a) acc[r][i][a] = _mm256_setzero_ps();
     for (int64_t j = j0; j < jv; j += 16) {
       for (int r = 0; r < NR; ++r) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.qweight + (n0 + r) * a.ldq + j));
@@ -135,9 +138,9 @@ void w4_rows(const W4Args& a, const float* xe, const float* xo, int64_t ldx, con
           const float* pe = xe + i * ldx + j;
           const float* po = xo + i * ldx + j;
           acc[r][i][0] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(pe), acc[r][i][0]);
-          acc[r][i][1] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(po), acc[r][i][1]);
+          acc[r][i][A - 1] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(po), acc[r][i][A - 1]);
           acc[r][i][0] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(pe + 8), acc[r][i][0]);
-          acc[r][i][1] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(po + 8), acc[r][i][1]);
+          acc[r][i][A - 1] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(po + 8), acc[r][i][A - 1]);
         }
       }
     }
@@ -149,7 +152,8 @@ void w4_rows(const W4Args& a, const float* xe, const float* xo, int64_t ldx, con
       for (int i = 0; i < MR; ++i) {
         float tail = 0.f;
         for (int64_t j = jv; j < j1; ++j) tail += float(q[j] & 0x0F) * xe[i * ldx + j] + float(q[j] >> 4) * xo[i * ldx + j];
-        yv[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(acc[r][i][0], acc[r][i][1]), yv[r][i]);
+        const __m256 sum = A == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][A - 1]) : acc[r][i][0];
+        yv[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(s), sum, yv[r][i]);
         ys[r][i] += s * (tail - z * xsum[i * G + g]);
       }
     }
@@ -242,7 +246,7 @@ void dequant_tile_avx2(const W4Args& a, int64_t n0, int64_t nc, int64_t k0, int6
 
 void w4a16_avx2(const W4Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
-  if (M > 8) return w4a16_tiled(a, dequant_tile_avx2);
+  if (M > 16) return w4a16_tiled(a, dequant_tile_avx2);
   const int64_t G = (K + a.group_size - 1) / a.group_size, kh = (K + 1) / 2, ldx = round_up(kh, 16);
   std::vector<float> xe(M * ldx, 0.f), xo(M * ldx, 0.f), xsum(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
@@ -252,14 +256,15 @@ void w4a16_avx2(const W4Args& a) {
     }
   // Row tiles: MR activation rows share each unpacked weight vector, NR weight rows share each x load.
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-    float y[16];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m0);
+    float y[16];  // at most 8 activation rows x 1 weight row, or 1 x 4, or 2 x 2
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mr = std::min<int64_t>(8, M - m0);
       const int64_t nr = mr == 1 ? 4 : mr == 2 ? 2 : 1;
       for (int64_t n = b; n < e;) {
         const int64_t rows = n + nr <= e ? nr : 1;
-        W4RowsFn fn = mr == 4 ? w4_rows<4, 1>
-                    : mr == 3 ? w4_rows<3, 1>
+        constexpr W4RowsFn kSingle[8] = {w4_rows<1, 1>, w4_rows<2, 1>, w4_rows<3, 1>, w4_rows<4, 1>,
+                                         w4_rows<5, 1>, w4_rows<6, 1>, w4_rows<7, 1>, w4_rows<8, 1>};
+        W4RowsFn fn = mr >= 3 ? kSingle[mr - 1]
                     : mr == 2 ? (rows == 2 ? w4_rows<2, 2> : w4_rows<2, 1>)
                               : (rows == 4 ? w4_rows<1, 4> : w4_rows<1, 1>);
         fn(a, xe.data() + m0 * ldx, xo.data() + m0 * ldx, ldx, xsum.data() + m0 * G, G, n, y);

@@ -192,7 +192,7 @@ void dequant_tile_avx512(const W4Args& a, int64_t n0, int64_t nc, int64_t k0, in
 
 void w4a16_avx512(const W4Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
-  if (M > 8) return w4a16_tiled(a, dequant_tile_avx512);
+  if (M > 16) return w4a16_tiled(a, dequant_tile_avx512);
   const int64_t G = (K + a.group_size - 1) / a.group_size, kh = (K + 1) / 2, ldx = round_up(kh, 16);
   std::vector<float> xe(M * ldx, 0.f), xo(M * ldx, 0.f), xsum(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
@@ -201,14 +201,15 @@ void w4a16_avx512(const W4Args& a) {
       xsum[m * G + k / a.group_size] += a.x[m * K + k];
     }
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-    float y[16];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m0);
+    float y[16];  // at most 8 activation rows x 1 weight row, or 1 x 4, or 2 x 2
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mr = std::min<int64_t>(8, M - m0);
       const int64_t nr = mr == 1 ? 4 : mr == 2 ? 2 : 1;
       for (int64_t n = b; n < e;) {
         const int64_t rows = n + nr <= e ? nr : 1;
-        W4RowsFn fn = mr == 4 ? w4_rows<4, 1>
-                    : mr == 3 ? w4_rows<3, 1>
+        constexpr W4RowsFn kSingle[8] = {w4_rows<1, 1>, w4_rows<2, 1>, w4_rows<3, 1>, w4_rows<4, 1>,
+                                         w4_rows<5, 1>, w4_rows<6, 1>, w4_rows<7, 1>, w4_rows<8, 1>};
+        W4RowsFn fn = mr >= 3 ? kSingle[mr - 1]
                     : mr == 2 ? (rows == 2 ? w4_rows<2, 2> : w4_rows<2, 1>)
                               : (rows == 4 ? w4_rows<1, 4> : w4_rows<1, 1>);
         fn(a, xe.data() + m0 * ldx, xo.data() + m0 * ldx, ldx, xsum.data() + m0 * G, G, n, y);
