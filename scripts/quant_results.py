@@ -212,16 +212,27 @@ def memory(out: Path) -> None:
 
 
 def table(results: dict, confs: dict) -> str:
+    """Markdown table; W4 rows also say how much of RTN's perplexity increase (RTN with its best observer, same
+    layout) they recover: (ppl_RTN − ppl) / (ppl_RTN − ppl_unquantized)."""
     base = results.get("unquantized", {}).get("ppl")
-    lines = ["| configuration | WikiText-2 ppl | vs unquantized | quantize time | device |",
-             "| --- | ---: | ---: | ---: | --- |"]
+    rtn_best = {}
+    for lay in LAYOUTS:
+        got = [results[n]["ppl"] for n in results if n.startswith(f"rtn_{lay}_") and "ppl" in results[n]]
+        if got:
+            rtn_best[lay] = min(got)
+    lines = ["| configuration | WikiText-2 ppl | vs unquantized | recovers of RTN's increase | quantize time | device |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
     for name in confs:
         r = results.get(name)
         if not r or "ppl" not in r:
             continue
         delta = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base and name != "unquantized" else ""
+        lay = next((lay for lay in LAYOUTS if f"_{lay}" in name), None)
+        rec = ""
+        if lay in rtn_best and base and not name.startswith("rtn_"):
+            rec = f"{100 * (rtn_best[lay] - r['ppl']) / (rtn_best[lay] - base):.0f}%"
         secs = f"{r['quantize_seconds']:.1f} s" if "quantize_seconds" in r else ""
-        lines.append(f"| {r['label']} (`{name}`) | {r['ppl']:.2f} | {delta} | {secs} | {r['device']} |")
+        lines.append(f"| {r['label']} (`{name}`) | {r['ppl']:.2f} | {delta} | {rec} | {secs} | {r['device']} |")
     return "\n".join(lines) + "\n"
 
 
