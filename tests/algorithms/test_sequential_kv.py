@@ -118,3 +118,24 @@ def test_kv_int8_costs_little_perplexity_on_the_real_model(smollm):
     quant = model(ids, labels=ids).loss.item()
     assert quant != base
     assert math.exp(quant - base) - 1 < 0.01  # ≤ +1% perplexity
+
+
+def test_llmc_quantize_cli_gptq_with_kv_cache_writes_a_loadable_checkpoint(tiny, tmp_path, llmc):
+    model, tok, ids = tiny
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "q"
+    r = llmc("quantize", "-i", str(src), "-o", str(out), "-q", "--json", "-s", "method=gptq",
+             "-s", "gptq.act_order=true", "-s", "kv_cache.format=int8", "-s", "kv_cache.granularity=head",
+             *[a for o in W4 + CALIB for a in ("-s", o)], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "gptq" and qc["config"]["gptq"]["act_order"] is True
+    assert qc["config"]["kv_cache"]["format"] == "int8" and len(qc["config"]["kv_cache"]["scales"]) == 2
+    loaded = load_quantized(out)
+    assert kv_config(loaded) == qc["config"]["kv_cache"]
+    with torch.no_grad():
+        logits, ref = loaded(ids).logits, model(ids).logits
+    assert torch.isfinite(logits).all()
+    assert float((logits - ref).pow(2).mean()) < 0.1 * float(ref.pow(2).mean())
