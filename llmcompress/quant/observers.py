@@ -33,6 +33,8 @@ class Histogram:
     """Per-row histograms of signed values over [−R, R) with B bins; R grows by doubling, which merges bins
     pairwise exactly, so streaming never re-reads old data. Memory: C × B counts."""
 
+    CHUNK = 1 << 20  # values binned per step: bounds the temporaries to a few MiB
+
     def __init__(self, bins: int = 2048):
         if bins % 4:
             raise ValueError("histogram bins must be a multiple of 4")
@@ -58,9 +60,13 @@ class Histogram:
             self.counts[need] = grown
             self.radius[need] *= 2
         width = 2 * self.radius / self.bins
-        idx = torch.floor((rows + self.radius[:, None]) / width[:, None]).long().clamp_(0, self.bins - 1)
-        idx += torch.arange(rows.shape[0], device=rows.device)[:, None] * self.bins
-        self.counts.view(-1).add_(torch.bincount(idx.view(-1), minlength=self.counts.numel()).double())
+        offset = torch.arange(rows.shape[0], device=rows.device)[:, None] * self.bins
+        # columns in chunks: the int64 bin indices of a whole activation would be 8 bytes per value
+        cols = max(1, self.CHUNK // rows.shape[0])
+        for part in rows.split(cols, dim=1):
+            idx = torch.floor((part + self.radius[:, None]) / width[:, None]).long().clamp_(0, self.bins - 1)
+            idx += offset
+            self.counts.view(-1).add_(torch.bincount(idx.view(-1), minlength=self.counts.numel()).double())
 
     def edges(self) -> torch.Tensor:
         """[C, B + 1] bin edges."""
