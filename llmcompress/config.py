@@ -356,7 +356,8 @@ def _default_algo_data() -> DataConfig:
 class GPTQConfig:
     damp: float = opt(0.01, "percdamp: λ = damp · mean(diag H) added to H's diagonal before inverting", ge=0.0)
     block_size: int = opt(128, "columns per lazy batch update (GPTQ's blocksize)", ge=1)
-    act_order: bool = opt(False, "quantize columns in order of decreasing diag(H) (activation order)")
+    act_order: bool = opt(True, "quantize columns in order of decreasing diag(H) (activation order; on the "
+                          "embedded default W4 g64 sym: ppl 26.6 with it, 31.0 without)")
     static_groups: bool = opt(False, "fix every group's scale from the original W before any update; act_order "
                               "always does, so groups stay contiguous in the checkpoint (no g_idx) for the kernels")
     true_sequential: bool = opt(True, "within a decoder layer, quantize q/k/v, then o, then gate/up, then down, "

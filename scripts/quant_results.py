@@ -56,7 +56,8 @@ def configurations() -> dict[str, dict]:
         for obs in ("minmax", "mse"):
             c[f"rtn_{lay}_{obs}"] = {"label": f"RTN W4A16 {lay} ({obs})",
                                      "set": W4 + over + ["method=rtn", f"weights.observer={obs}"]}
-        c[f"gptq_{lay}"] = {"label": f"GPTQ W4A16 {lay}", "set": W4 + over + ["method=gptq"]}
+        c[f"gptq_{lay}"] = {"label": f"GPTQ W4A16 {lay} (no act_order)",
+                            "set": W4 + over + ["method=gptq", "gptq.act_order=false"]}
         c[f"gptq_{lay}_actorder_mse"] = {"label": f"GPTQ W4A16 {lay} act_order, mse observer",
                                          "set": W4 + over + ["method=gptq", "gptq.act_order=true",
                                                              "weights.observer=mse"]}
@@ -72,13 +73,13 @@ def configurations() -> dict[str, dict]:
     c["w8a8_static_sq"] = {"label": "W8A8 static per-tensor + SmoothQuant (α searched)",
                            "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true", SQ_GRID]}
     c["w8a8_dynamic"] = {"label": "W8A8 dynamic per-token (RTN)", "set": W8A8 + ["activations.dynamic=true"]}
-    c["w8a8_dynamic_gptq"] = {"label": "W8A8 dynamic per-token (GPTQ)",
-                              "set": W8A8 + ["activations.dynamic=true", "method=gptq"]}
+    c["w8a8_dynamic_gptq"] = {"label": "W8A8 dynamic per-token (GPTQ, no act_order)",
+                              "set": W8A8 + ["activations.dynamic=true", "method=gptq", "gptq.act_order=false"]}
     c["w8a8_dynamic_sq"] = {"label": "W8A8 dynamic per-token + SmoothQuant (α searched)",
                             "set": W8A8 + ["activations.dynamic=true", "smoothquant.enabled=true", SQ_GRID]}
     c["w8a8_dynamic_sq_gptq"] = {"label": "W8A8 dynamic per-token + SmoothQuant + GPTQ",
                                  "set": W8A8 + ["activations.dynamic=true", "smoothquant.enabled=true", SQ_GRID,
-                                                "method=gptq"]}
+                                                "method=gptq", "gptq.act_order=false"]}
     c["fp8_w8a8_dynamic"] = {"label": "FP8 E4M3 W8A8 dynamic per-token",
                              "set": ["weights.format=fp8", "weights.granularity=channel", "activations.format=fp8",
                                      "activations.dynamic=true"]}
