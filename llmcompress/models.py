@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ModelConfig
 from .errors import UserError
@@ -174,7 +175,7 @@ def load_model(cfg: Union[ModelConfig, str], *, device: Optional[str] = None, dt
                                                          # local dirs and artifacts: safetensors only, no pickle
                                                          use_safetensors=True if isinstance(source, Path) else None)
             tok = load_tokenizer(source, cfg.revision, cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, not a model, truncated or tampered weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"{cfg.name}: could not load model: {first}") from None
     if tok.pad_token is None:
