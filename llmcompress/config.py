@@ -488,8 +488,16 @@ class EvaluateConfig:
 # distill-data
 
 
-def _default_prompts() -> DataConfig:
-    return DataConfig(source="builtin:gsm8k_train", template="{question}", num_samples=32, max_length=256)
+@dataclass
+class PromptsConfig(DataConfig):
+    """DataConfig with distill-data's defaults as class defaults, so `--set prompts.num_samples=8` keeps them
+    (a nested mapping is built from its class's defaults, not from the parent field's factory)."""
+
+    source: str = opt("builtin:gsm8k_train", "dataset: builtin:NAME, a .txt/.json/.jsonl/.tsv/.csv file, or a hub "
+                      "dataset 'name' / 'name:config'")
+    template: str = opt("{question}", "Python format string over a row's fields that makes the user prompt")
+    num_samples: int = opt(32, "prompts to use", ge=1)
+    max_length: int = opt(256, "longest prompt in tokens (longer prompts are dropped)", ge=8)
 
 
 DISTILL_STYLES = ("plain", "cot", "structured", "multiturn")
@@ -517,7 +525,7 @@ class DifficultyConfig:
 @dataclass
 class DistillDataConfig:
     teacher: ModelConfig = opt(factory=ModelConfig, help="the teacher LLM that writes the data")
-    prompts: DataConfig = opt(factory=_default_prompts, help="where prompts come from (prompts longer than "
+    prompts: PromptsConfig = opt(factory=PromptsConfig, help="where prompts come from (prompts longer than "
                               "prompts.max_length tokens are dropped, not truncated)")
     styles: dict[str, float] = opt(factory=lambda: {"cot": 1.0}, help="task mix: style -> weight (prompts are "
                                    "split in these proportions); styles: plain, cot, structured, multiturn")
@@ -560,19 +568,32 @@ class DistillDataConfig:
 # train-student
 
 
-def _sst2_train() -> DataConfig:
-    return DataConfig(source="builtin:sst2_train", num_samples=512, max_length=96)
+@dataclass
+class ClassifierTrainData(DataConfig):
+    """DataConfig with SST-2 train defaults as class defaults (so a partial override keeps them)."""
+
+    source: str = opt("builtin:sst2_train", "dataset: builtin:NAME, a .json/.jsonl/.tsv/.csv file, or a hub "
+                      "dataset 'name' / 'name:config'")
+    num_samples: int = opt(512, "examples to use", ge=1)
+    max_length: int = opt(96, "tokens per example for the student (longer are truncated)", ge=8)
 
 
-def _sst2_dev() -> DataConfig:
-    return DataConfig(source="builtin:sst2_dev", num_samples=872, max_length=96, shuffle=False)
+@dataclass
+class ClassifierEvalData(DataConfig):
+    """DataConfig with SST-2 dev defaults as class defaults (so a partial override keeps them)."""
+
+    source: str = opt("builtin:sst2_dev", "dataset: builtin:NAME, a .json/.jsonl/.tsv/.csv file, or a hub "
+                      "dataset 'name' / 'name:config'")
+    num_samples: int = opt(872, "examples to use", ge=1)
+    max_length: int = opt(96, "tokens per example for the student (longer are truncated)", ge=8)
+    shuffle: bool = opt(False, "sample rows at random (seeded) rather than the first N")
 
 
 @dataclass
 class ClassificationConfig:
-    train: DataConfig = opt(factory=_sst2_train, help="labelled or unlabelled text the student learns from "
+    train: ClassifierTrainData = opt(factory=ClassifierTrainData, help="labelled or unlabelled text the student learns from "
                             "(the teacher's soft labels are the target; gold labels are not used for training)")
-    eval: DataConfig = opt(factory=_sst2_dev, help="labelled held-out text for accuracy (never a training split)")
+    eval: ClassifierEvalData = opt(factory=ClassifierEvalData, help="labelled held-out text for accuracy (never a training split)")
     text_field: str = opt("sentence", "field holding the text")
     label_field: Optional[str] = opt("label", "field holding the gold label index (null = none: no accuracy)")
     verbalizers: list[str] = opt(factory=lambda: ["negative", "positive"], min_len=2,
