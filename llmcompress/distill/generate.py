@@ -283,7 +283,9 @@ def run_batch(model, tok, batch: list[dict], cfg: DistillDataConfig, stop_ids: l
 # the stage
 
 
-def _work_dir(out_dir: Path, inputs, cfg) -> Path:
+def stage_work_dir(out_dir: Path, inputs, cfg) -> Path:
+    """The driver's stable work dir (keyed by the cache key); without the driver, a sibling of the final
+    output keyed by the config hash."""
     if inputs is not None and getattr(inputs, "work_dir", None) is not None:
         return Path(inputs.work_dir)
     final = out_dir.parent / out_dir.name.split(".tmp-")[0].lstrip(".")
@@ -313,7 +315,7 @@ def run(cfg: DistillDataConfig, out_dir: Path, inputs, reporter) -> dict:
     plan_key = sha256_json({"config": to_dict(cfg), "model": to_dict(inputs.model) if inputs and inputs.model
                             else None, "plan": [[(it["prompt_index"], it["sample_index"], it["style"]) for it in b]
                                                 for b in batches]})
-    work = _work_dir(out_dir, inputs, cfg)
+    work = stage_work_dir(out_dir, inputs, cfg)
     plan_file = work / "plan.json"
     if work.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()).get("plan_key") != plan_key):
         shutil.rmtree(work)  # a work dir of another plan: nothing in it is ours

@@ -151,7 +151,7 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
         loss_acc = 0.0
         for a in range(cfg.grad_accum):
             batch = micro_batch(train, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed)
-            z_s = student_logits(student, s_tok, [e["text"] for e in batch], cfg.max_length)
+            z_s = student_logits(student, s_tok, [e["text"] for e in batch], c.train.max_length)
             z_t = torch.stack([e["t_scores"] for e in batch]).to(z_s.device)
             # soft labels p_t = softmax(s / T); the CE term uses the teacher's hard label argmax s, never gold
             loss, kd, ce = distill_loss(z_s, z_t.argmax(-1), cfg.alpha, cfg.temperature, teacher_logits=z_t)
@@ -165,14 +165,14 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
 
     student.eval()
     with torch.no_grad():
-        preds = torch.cat([student_logits(student, s_tok, [e["text"] for e in held_out[i:i + 32]], cfg.max_length)
+        preds = torch.cat([student_logits(student, s_tok, [e["text"] for e in held_out[i:i + 32]], c.eval.max_length)
                            .argmax(-1).cpu() for i in range(0, len(held_out), 32)])
         t_preds = t_eval.argmax(-1)
         gold = [e["gold"] for e in held_out]
         labelled = [i for i, g in enumerate(gold) if g is not None]
         acc = (lambda p: sum(int(p[i]) == gold[i] for i in labelled) / len(labelled)) if labelled else None
         texts = [e["text"] for e in held_out[:c.latency_examples]]
-        s_ms = _latency_ms(lambda t: student_logits(student, s_tok, t, cfg.max_length), texts)
+        s_ms = _latency_ms(lambda t: student_logits(student, s_tok, t, c.eval.max_length), texts)
         t_ms = _latency_ms(lambda t: teacher_scores(teacher, tok, t, c, 1), texts)
 
     student.save_pretrained(out_dir)

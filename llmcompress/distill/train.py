@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..config import TrainStudentConfig
 from ..errors import UserError
 from ..models import load_model
-from .generate import _work_dir
+from .generate import stage_work_dir
 from .losses import IGNORE, distill_loss, kd_full, kd_topk, select_response
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # -- resume from the last checkpoint in the work dir (same config => same key => same dir)
-    work = _work_dir(out_dir, inputs, cfg)
+    work = stage_work_dir(out_dir, inputs, cfg)
     ckpt_path = work / "checkpoint.pt"
     start, history, evals = 0, [], []
     if ckpt_path.exists():

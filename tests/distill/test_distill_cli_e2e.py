@@ -3,36 +3,22 @@ real tokenizer and chat template, 4 layers of width 32) so the chain runs in sec
 
 import json
 
-import pytest
-import torch
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # see conftest: small ops on a shared CPU
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, smollm_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_llama_e2e")
-    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                 bos_token_id=1, eos_token_id=2, pad_token_id=2)).save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm_path).save_pretrained(d)
-    return d
-
-
-def test_distill_train_evaluate_chain(llmc, workdir, tiny_llama):
+def test_distill_train_evaluate_chain(llmc, workdir, tiny_teacher):
     (workdir / "dd.yaml").write_text(
-        f"teacher: {{name: {tiny_llama}}}\n"
+        f"teacher: {{name: {tiny_teacher}}}\n"
         "prompts: {source: 'builtin:gsm8k_train', template: '{question}', num_samples: 6}\n"
         "styles: {cot: 1, structured: 0, plain: 1}\n"
         "check_answers: false\nmax_new_tokens: 8\nbatch_size: 3\nsave_logits: true\nlogits_top_k: 4\n")
-    p = llmc("distill-data", "-c", "dd.yaml", "--json", cwd=workdir)
+    p = llmc("distill-data", "-c", "dd.yaml", "--json", cwd=workdir, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr
     dd = json.loads(p.stdout)["summary"]
     assert dd["generated"] == 6 and dd["rows"] == dd["kept"] > 0
 
-    p = llmc("train-student", "--json", "--set", f"teacher.name={tiny_llama}", "--set", "steps=2",
-             "--set", "batch_size=2", "--set", "kd_source=stored", "--set", "max_length=128", cwd=workdir)
+    p = llmc("train-student", "--json", "--set", f"teacher.name={tiny_teacher}", "--set", "steps=2",
+             "--set", "batch_size=2", "--set", "kd_source=stored", "--set", "max_length=128", cwd=workdir, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr
     assert "reading the distill-data artifact" in p.stderr or json.loads(p.stdout)["summary"]["steps"] == 2
     ts = json.loads(p.stdout)["summary"]
@@ -40,6 +26,6 @@ def test_distill_train_evaluate_chain(llmc, workdir, tiny_llama):
     assert (workdir / "runs" / "train-student" / "config.json").is_file()
 
     p = llmc("evaluate", "-i", "runs/train-student", "--ppl", "--json", "--set", "ppl.max_tokens=64",
-             "--set", "ppl.seq_len=32", cwd=workdir)
+             "--set", "ppl.seq_len=32", cwd=workdir, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr
     assert "ppl" in p.stdout or "perplexity" in p.stdout

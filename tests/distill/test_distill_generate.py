@@ -94,7 +94,7 @@ def test_rejection_sampling_keeps_only_matching_answers(smollm_path, workdir):
         {"question": "What is 4 + 4? Reply with only the number.", "answer": "#### 987654"},  # wrong gold
         {"question": "Say hello.", "answer": "#### 31337"}]))
     cfg = _cfg(prompts={"source": str(data), "template": "{question}", "num_samples": 4}, styles={"plain": 1.0},
-               check_answers=True, do_sample=False, max_new_tokens=8, samples_per_prompt=2)
+               check_answers=True, do_sample=False, max_new_tokens=10, samples_per_prompt=2, batch_size=8)
     art = run_stage("distill-data", cfg, workdir / "dd", StageInputs(model=from_dict(
         type(cfg.teacher), {"name": str(smollm_path)})))
     s = art.manifest["summary"]
@@ -122,7 +122,7 @@ class _KillAfter(Reporter):
 
 def test_resume_after_interrupt_equals_uninterrupted_run(smollm_path, workdir):
     model = {"name": str(smollm_path)}
-    cfg = _cfg(styles={"cot": 1.0, "multiturn": 1.0}, max_new_tokens=4, batch_size=1, samples_per_prompt=1,
+    cfg = _cfg(styles={"cot": 1.0, "multiturn": 1.0}, max_new_tokens=3, batch_size=1, samples_per_prompt=1,
                save_logits=True, logits_top_k=2)
     inputs = StageInputs(model=from_dict(type(cfg.teacher), model))
     with pytest.raises(KeyboardInterrupt):

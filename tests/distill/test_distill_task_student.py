@@ -29,11 +29,11 @@ def test_teacher_scores_are_verbalizer_log_likelihoods(smollm, verbalizers):
         assert got[0].argmax().item() == 1 and got[1].argmax().item() == 0
 
 
-def test_classification_stage_writes_a_classifier(tiny_teacher_cls, workdir):
+def test_classification_stage_writes_a_classifier(tiny_teacher, workdir):
     from transformers import AutoModelForSequenceClassification
 
     cfg = from_dict(TrainStudentConfig, {
-        "task": "classification", "teacher": {"name": str(tiny_teacher_cls)}, "steps": 12, "batch_size": 8,
+        "task": "classification", "teacher": {"name": str(tiny_teacher)}, "steps": 12, "batch_size": 8,
         "lr": 3e-3, "warmup_steps": 0, "alpha": 0.2, "temperature": 1.0,
         "classification": {"train": {"source": "builtin:sst2_train", "num_samples": 32},
                            "eval": {"source": "builtin:sst2_dev", "num_samples": 16, "shuffle": False},
@@ -46,16 +46,3 @@ def test_classification_stage_writes_a_classifier(tiny_teacher_cls, workdir):
     assert s["final_loss"] < s["first_loss"]
     clf = AutoModelForSequenceClassification.from_pretrained(art.path)
     assert clf.config.id2label == {0: "negative", 1: "positive"} and clf.config.num_labels == 2
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher_cls(tmp_path_factory, smollm_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_teacher_cls")
-    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                 bos_token_id=1, eos_token_id=2, pad_token_id=2)).save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm_path).save_pretrained(d)
-    return d

@@ -4,36 +4,20 @@ A tiny random Llama (the real tokenizer, 4 layers of width 32) stands in for the
 mechanics are under test, so the folder stays fast on a shared 2-core CPU; the student construction is checked
 on the real SmolLM2-135M."""
 
-import copy
 import json
 import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from llmcompress.artifacts import read_artifact
-from llmcompress.config import DistillDataConfig, ModelConfig, TrainStudentConfig, from_dict
+from llmcompress.config import DistillDataConfig, TrainStudentConfig, from_dict
 from llmcompress.distill.train import build_student, lr_at, micro_batch
 from llmcompress.progress import Reporter
 from llmcompress.stages import StageInputs, run_stage
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, smollm_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_teacher")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm_path).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
