@@ -18,14 +18,16 @@ def test_distill_train_evaluate_chain(llmc, workdir, tiny_teacher):
     assert dd["generated"] == 6 and dd["rows"] == dd["kept"] > 0
 
     p = llmc("train-student", "--json", "--set", f"teacher.name={tiny_teacher}", "--set", "steps=2",
-             "--set", "batch_size=2", "--set", "kd_source=stored", "--set", "max_length=128", cwd=workdir, env=ONE_THREAD)
+             "--set", "batch_size=2", "--set", "kd_source=stored", "--set", "max_length=128",
+             cwd=workdir, env=ONE_THREAD)  # no -i: reads runs/distill-data, the default input
     assert p.returncode == 0, p.stderr
-    assert "reading the distill-data artifact" in p.stderr or json.loads(p.stdout)["summary"]["steps"] == 2
     ts = json.loads(p.stdout)["summary"]
+    assert ts["steps"] == 2
     assert ts["student_layers"] == 2 and ts["eval_kl"] is not None
     assert (workdir / "runs" / "train-student" / "config.json").is_file()
 
     p = llmc("evaluate", "-i", "runs/train-student", "--ppl", "--json", "--set", "ppl.max_tokens=64",
              "--set", "ppl.seq_len=32", cwd=workdir, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr
-    assert "ppl" in p.stdout or "perplexity" in p.stdout
+    ev = json.loads(p.stdout)["summary"]
+    assert ev["ppl"] > 1.0 and ev["tokens_scored"] > 0

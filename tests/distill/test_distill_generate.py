@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcompress.config import ConfigError, DistillDataConfig, from_dict, load_config
+from llmcompress.config import ConfigError, DistillDataConfig, from_dict
 from llmcompress.distill.generate import (answers_match, assign_styles, final_answer, gold_answer,
                                           _difficulty_value)
 from llmcompress.progress import Reporter
