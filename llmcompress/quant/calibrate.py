@@ -54,16 +54,16 @@ class TensorStats:
     def update(self, x: torch.Tensor, channel_dim_last: bool = True) -> None:
         """x [..., C] (activations) or [C, K] with channel_dim_last=False (weights: C output channels)."""
         x = x.detach().float()
-        x = x.reshape(-1, x.shape[-1]) if channel_dim_last else x.reshape(x.shape[0], -1).t()
-        bad = ~torch.isfinite(x)
-        if bad.any():
+        x = x.reshape(-1, x.shape[-1]) if channel_dim_last else x.reshape(x.shape[0], -1)
+        if not torch.isfinite(x).all():
+            bad = ~torch.isfinite(x)
             self.nonfinite += int(bad.sum())
             x = torch.where(bad, torch.zeros_like(x), x)
-        lo, hi = x.amin(0), x.amax(0)
+        lo, hi = torch.aminmax(x, dim=0 if channel_dim_last else 1)
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         self.hist.update(x.reshape(1, -1))
-        self.count += x.shape[0]
+        self.count += x.shape[0] if channel_dim_last else x.shape[1]
 
     def percentile(self, p: float) -> float:
         return self.hist.abs_quantile(p / 100).item()

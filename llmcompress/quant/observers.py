@@ -44,7 +44,8 @@ class Histogram:
 
     def update(self, rows: torch.Tensor) -> None:
         rows = rows.detach().float()
-        amax = rows.abs().amax(dim=1)
+        lo, hi = torch.aminmax(rows, dim=1)
+        amax = torch.maximum(-lo, hi)
         if self.counts is None:
             self.counts = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=rows.device)
             self.radius = torch.where(amax > 0, amax, torch.full_like(amax, 1e-12))
