@@ -113,10 +113,10 @@ def apply_kv_quant(model: nn.Module, fmt: str, granularity: str,
 
 
 def _quant_hook(scale: torch.Tensor, spec: QuantSpec, heads: int):
+    s = scale.reshape(()) if spec.granularity == "tensor" else scale.reshape(-1)
+
     def hook(module, args, out):
-        s = scale.to(out.device)
-        q = fake_quantize(_by_head(out.float(), heads), s.reshape(()) if s.numel() == 1 and
-                          spec.granularity == "tensor" else s, None, spec)
+        q = fake_quantize(_by_head(out.float(), heads), s.to(out.device), None, spec)
         return q.transpose(0, 1).reshape(out.shape).to(out.dtype)
     return hook
 
@@ -132,6 +132,4 @@ def restore_kv_quant(model: nn.Module, recorded: Optional[dict]) -> None:
         return
     scales = {n: {k: torch.tensor(v, dtype=torch.float32) for k, v in kv.items()}
               for n, kv in recorded["scales"].items()}
-    if recorded["granularity"] == "tensor":
-        scales = {n: {k: v.reshape(()) for k, v in kv.items()} for n, kv in scales.items()}
     apply_kv_quant(model, recorded["format"], recorded["granularity"], scales)
