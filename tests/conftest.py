@@ -9,16 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared_data(rel: str) -> Path:
-    """A file of ../shared/data; tests that need one skip visibly where a user's clone has none."""
-    p = SHARED_DATA / rel
-    if not p.exists():
-        pytest.skip(f"../shared/data/{rel} not present (tests read real data from ../shared beside the repo)")
-    return p
+from _shared import REPO, SHARED_DATA, shared_data  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session", autouse=True)

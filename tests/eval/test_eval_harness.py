@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from conftest import shared_data
+from _shared import shared_data
 from llmcompress.eval.harness import LlmcLM, run_tasks
 
 
