@@ -8,8 +8,10 @@ path and what was expected. Validation happens once, here, at the edge; stages t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -21,6 +23,7 @@ import yaml
 from .errors import ConfigError, UserError
 
 _UNSET = object()
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def opt(default=_UNSET, help: str = "", *, factory=None, **checks) -> Any:
@@ -104,6 +107,8 @@ def _convert(value, tp, source: str, path: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is plainly a number
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value or value in (float("inf"), float("-inf")):
                 raise ConfigError(source, path, "a finite number", value)
@@ -128,8 +133,10 @@ def _check_range(value, meta: dict, source: str, path: str) -> None:
         raise ConfigError(source, path, f"at least {meta['min_len']} item(s)", value)
 
 
-def from_dict(cls, data, source: str = "<config>", prefix: str = ""):
-    """Build schema `cls` from a plain mapping, validating every key, type and range."""
+def from_dict(cls, data, source: str = "<config>", prefix: str = "", base=None):
+    """Build schema `cls` from a plain mapping, validating every key, type and range. Keys the mapping leaves out
+    come from `base` (the field's own default instance for a nested section), so a partial override such as
+    `--set data.max_length=256` keeps the stage's other `data` defaults rather than the section class's."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -147,9 +154,19 @@ def from_dict(cls, data, source: str = "<config>", prefix: str = ""):
         if name not in data:
             continue
         path = _join(prefix, name)
-        value = _convert(data[name], hints[name], source, path)
+        tp = hints[name]
+        if is_dataclass(tp) and isinstance(data[name], dict):
+            nested_base = getattr(base, name) if base is not None else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            value = from_dict(tp, data[name], source, path, nested_base)
+        else:
+            value = _convert(data[name], tp, source, path)
         _check_range(value, f.metadata, source, path)
         kwargs[name] = value
+    if base is not None:
+        for name in known:
+            if name not in kwargs:
+                kwargs[name] = copy.deepcopy(getattr(base, name))
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     if check is not None:

@@ -86,3 +86,19 @@ def test_nan_and_inf_rejected(tmp_path):
     for text in ("gates:\n  max_ppl_increase_pct: .nan\n", "gates:\n  max_ppl_increase_pct: .inf\n"):
         with pytest.raises(ConfigError, match="finite"):
             load_config(EvaluateConfig, write(tmp_path, text))
+
+
+def test_partial_nested_override_keeps_the_stage_defaults():
+    cfg = load_config(CalibrateConfig, None, ["data.max_length=256"])
+    default = load_config(CalibrateConfig)
+    assert cfg.data.max_length == 256
+    assert cfg.data.num_samples == default.data.num_samples and cfg.data.source == default.data.source
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    from llmcompress.config import TrainStudentConfig
+
+    assert load_config(TrainStudentConfig, None, ["lr=3e-4"]).lr == 3e-4
+    assert load_config(TrainStudentConfig, write(tmp_path, "lr: 2e-5\n")).lr == 2e-5
+    with pytest.raises(ConfigError):
+        load_config(TrainStudentConfig, None, ["lr=fast"])
