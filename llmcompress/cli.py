@@ -132,6 +132,10 @@ def _guard(fn, debug: bool):
         err_console.print("[bold red]failed:[/] out of memory")
         raise typer.Exit(3)
     except Exception as e:  # a bug or an environment failure: one line, exit 3
+        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+            # Ctrl-C/SIGTERM that landed inside an import surfaces as ImportError: still an interruption
+            err_console.print("[bold red]interrupted[/]: no artifact was written")
+            raise typer.Exit(130)
         if debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -19,7 +19,7 @@ class ConfigError(UserError):
         msg = f"{source}: {key or '<root>'}: expected {expected}"
         if has_got:
             msg += f", got {got!r}"
-        super().__init__(msg)
+        super().__init__(msg.replace("\n", "\\n"))  # a key may contain a newline; the error stays one line
 
 
 class ArtifactError(UserError):
