@@ -7,6 +7,10 @@ Prints a JSON line; the ratio is batched tokens/s over batch-1 tokens/s measured
 
     python scripts/bench_distill_gen.py                      # CPU, embedded default teacher
     python scripts/bench_distill_gen.py --device cuda --batch 32 --prompts 64 --new-tokens 128
+
+`--random-weights DIR` builds the teacher from DIR's config.json and tokenizer with random weights instead of
+loading it: for a GPU machine the model file cannot reach. Speed does not depend on the weights' values here,
+since min_new_tokens = max_new_tokens fixes every sequence's length; the result records that it was used.
 """
 
 from __future__ import annotations
@@ -39,6 +43,22 @@ def tokens_per_s(model, tok, prompts, cfg, stop_ids, batch: int) -> tuple[float,
     return n / dt, n, dt
 
 
+def random_model(path: Path, device: str, dtype: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dt)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # as llmcompress.models.load_model does
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -49,13 +69,19 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--random-weights", type=Path, default=None, metavar="DIR",
+                    help="build the model from DIR's config + tokenizer with random weights (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = from_dict(DistillDataConfig, {"teacher": {"name": args.model, "device": args.device, "dtype": args.dtype},
                                         "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
                                         "do_sample": True, "temperature": 0.7, "top_p": 0.95})
-    model, tok = load_model(cfg.teacher)
+    if args.random_weights:
+        model, tok = random_model(args.random_weights, cfg.teacher.device, cfg.teacher.dtype)
+        args.model = f"{args.random_weights.name} (random weights)"
+    else:
+        model, tok = load_model(cfg.teacher)
     tok.padding_side = "left"
     stop_ids = stop_token_ids(model, tok)
     rows = load_rows("builtin:gsm8k_train")[: args.prompts]

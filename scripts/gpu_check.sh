@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD LLMC_CACHE=/tmp/llmc-cache MAX_JOBS=16
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} LLMC_CACHE=${LLMC_CACHE:-/tmp/llmc-cache} MAX_JOBS=16
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # 9.0a: wgmma for the CUTLASS W8A8 GEMM
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/build.log"
 lscpu | grep -E "Model name|Flags" | grep -o -E "Model name.*|avx512_vnni|avx512f |amx_tile" | sort -u | tee -a "$OUT/build.log"

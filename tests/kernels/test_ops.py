@@ -16,7 +16,10 @@ from llmcompress.kernels import reference as ref
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 # M = 1, 3, 17, 129 against K, N that are not multiples of 64 (200, 576, 1536, 49) and some that are
-SHAPES = [(1, 576, 49), (3, 200, 576), (17, 1536, 200), (129, 576, 1536), (4, 4096, 128), (129, 200, 49)]
+# (12, 1024, 264) and (40, 1024, 264): the CUDA two-token-tile decode kernels and the W4A16 tiled kernel,
+# with part-empty token and feature blocks.
+SHAPES = [(1, 576, 49), (3, 200, 576), (17, 1536, 200), (129, 576, 1536), (4, 4096, 128), (129, 200, 49),
+          (12, 1024, 264), (40, 1024, 264)]
 
 
 @pytest.fixture(autouse=True)

@@ -150,9 +150,247 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
   }
 }
 
-int decode_max_m() {
-  const char* env = std::getenv("LLMC_W4_DECODE_MAX_M");
-  return env != nullptr ? std::atoi(env) : 64;
+
+// ---------------------------------------------------------------------------------------------------------
+// Fast paths. They need K % 64 == 0 (whole chunks), a power-of-two group of >= 16 (so the group of a k-step
+// is a shift), and 16-byte aligned activations; run() sends anything else to the kernels above.
+
+// Group bookkeeping shared by the fast kernels: a warp walks its k-steps in order, so the group advances by
+// one at a time and the next group's scales / zero points are loaded one group ahead, off the critical path.
+template <typename T>
+struct GroupCursor {
+  const float *s0p, *s1p;
+  const uint8_t *z0p, *z1p;
+  int G, cur;
+  float s0, s1, ns0, ns1;
+  uint32_t z0, z1, nz0, nz1;  // (bias + zero) pairs to subtract from the magic-number codes
+
+  __device__ __forceinline__ static uint32_t zpair(const uint8_t* zp, int gi) {
+    const float z = zp != nullptr ? float(zp[gi]) : 8.f;
+    return Mma<T>::pair(Mma<T>::kBias + z, Mma<T>::kBias + z);
+  }
+  __device__ __forceinline__ void start(const float* scales, const uint8_t* zeros, int row0, int row1, int N, int G_,
+                                        int g0) {
+    G = G_;
+    s0p = scales + (int64_t)min(row0, N - 1) * G;
+    s1p = scales + (int64_t)min(row1, N - 1) * G;
+    z0p = zeros != nullptr ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
+    z1p = zeros != nullptr ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
+    cur = g0;
+    s0 = s0p[g0], s1 = s1p[g0], z0 = zpair(z0p, g0), z1 = zpair(z1p, g0);
+    prefetch(min(g0 + 1, G - 1));
+  }
+  __device__ __forceinline__ void prefetch(int gn) {
+    ns0 = s0p[gn], ns1 = s1p[gn], nz0 = zpair(z0p, gn), nz1 = zpair(z1p, gn);
+  }
+  __device__ __forceinline__ void advance() {  // to group cur + 1
+    ++cur;
+    s0 = ns0, s1 = ns1, z0 = nz0, z1 = nz1;
+    prefetch(min(cur + 1, G - 1));
+  }
+  // The A fragment of one k-step (word: 8 codes), zero point removed, unscaled (exact small integers).
+  __device__ __forceinline__ void codes(uint32_t word, uint32_t* a) const {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic, (r & 1) ? z1 : z0);
+  }
+};
+
+// Decode, M <= 32: one block of 8 warps per 16 output features; each warp takes a contiguous run of K chunks
+// and keeps U of its 512-byte weight loads in flight. Partial sums stay unscaled in fp32 for a group and are
+// scaled once when the group ends; the warps' sums are added in shared memory.
+template <typename T, int MT>
+__global__ void __launch_bounds__(kWarps * 32)
+    w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
+               const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+               int G, int gshift, int chunks) {
+  constexpr int U = 8;
+  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = nt * 16 + g, row1 = row0 + 8;
+  const int per = (chunks + kWarps - 1) / kWarps;
+  const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
+  float acc[MT][4], part[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = part[mt][e] = 0.f;
+
+  if (cb < ce) {  // warp-uniform; a warp past the end still joins the reduction below
+    const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
+    const unsigned int* xr[MT];
+    bool xv[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int tok = m0 + mt * 8 + g;
+      xv[mt] = tok < M;
+      xr[mt] = reinterpret_cast<const unsigned int*>(x + (int64_t)(xv[mt] ? tok : 0) * K + 2 * t);
+    }
+    GroupCursor<T> gc;
+    gc.start(scales, zeros, row0, row1, N, G, (cb * 4) >> gshift);
+    for (int c = cb; c < ce; c += U) {
+      uint4 q[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) q[u] = c + u < ce ? ld_stream(wp + (int64_t)(c - cb + u) * 32) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (c + u >= ce) break;
+        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const int ks = (c + u) * 4 + s;
+          if ((ks >> gshift) != gc.cur) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              acc[mt][0] += gc.s0 * part[mt][0], acc[mt][1] += gc.s0 * part[mt][1];
+              acc[mt][2] += gc.s1 * part[mt][2], acc[mt][3] += gc.s1 * part[mt][3];
+              part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
+            }
+            gc.advance();
+          }
+          uint32_t a[4];
+          gc.codes(words[s], a);
+          const int k2 = ks * 8;  // k / 2: index in 32-bit pairs
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t b0 = xv[mt] ? __ldg(xr[mt] + k2) : 0u;
+            const uint32_t b1 = xv[mt] ? __ldg(xr[mt] + k2 + 4) : 0u;
+            Mma<T>::mma(part[mt], a, b0, b1);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] += gc.s0 * part[mt][0], acc[mt][1] += gc.s0 * part[mt][1];
+      acc[mt][2] += gc.s1 * part[mt][2], acc[mt][3] += gc.s1 * part[mt][3];
+    }
+  }
+
+  __shared__ float red[kWarps][MT * 4][32];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
+    const int l = i & 31, e = i >> 5;
+    float v = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][e][l];
+    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
+    const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
+    if (row < N && tok < M) {
+      if (bias != nullptr) v += to_float(bias[row]);
+      out[(int64_t)tok * N + row] = from_float<T>(v);
+    }
+  }
+}
+
+// Mid-size M (prefill of short prompts, batched decode): a block computes 32 tokens x 128 output features,
+// one 16-feature tile per warp, all warps walking the same K chunks. The block's activation chunk (32 tokens
+// x 64 k) is staged in shared memory by cp.async, kStages deep, XOR-swizzled so ldmatrix reads hit 8
+// distinct bank groups; every warp reuses it, so activations cost 1/8 of what per-warp loads would. Weights
+// stream from global memory into registers U chunks ahead. Here the group scale multiplies the dequantized
+// weight in the activation dtype (one rounding, as a bf16 copy of the weight would have), which keeps one
+// fp32 accumulator set instead of two. Token blocks vary fastest in the grid, so the blocks that read the
+// same weights run together and share them through L2.
+constexpr int kTileTok = 32;
+constexpr int kStages = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32)
+    w4a16_tiled(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
+                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+                int G, int gshift, int chunks) {
+  constexpr int MT = kTileTok / 8, U = 4;
+  __shared__ __align__(128) uint4 xs[kStages][kTileTok * 8];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * kTileTok;
+  const int tiles = (N + 15) / 16;
+  const int nt = min(blockIdx.y * kWarps + warp, tiles - 1);  // a warp past N recomputes the last tile, unstored
+  const bool store = blockIdx.y * kWarps + warp < tiles;
+  const int row0 = nt * 16 + g, row1 = row0 + 8;
+
+  // Staging: thread i copies 16 bytes (8 activations) of token row i / 8, unit i % 8, of every chunk.
+  const int lr = threadIdx.x >> 3, lu = threadIdx.x & 7;
+  const bool lvalid = m0 + lr < M;
+  const T* lsrc = x + (int64_t)(lvalid ? m0 + lr : 0) * K + lu * 8;
+  const int ldst = lr * 8 + (lu ^ (lr & 7));
+  auto stage = [&](int c) {
+    if (c < chunks) cp_async16(&xs[c % kStages][ldst], lsrc + (int64_t)c * 64, lvalid);
+    cp_async_commit();  // an empty group keeps the wait counts uniform
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) stage(s);
+
+  const uint4* wp = qw + (int64_t)nt * chunks * 32 + lane;
+  uint4 q[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) q[u] = u < chunks ? ld_stream(wp + u * 32) : make_uint4(0, 0, 0, 0);
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+  GroupCursor<T> gc;
+  gc.start(scales, zeros, row0, row1, N, G, 0);
+  uint32_t sc0 = Mma<T>::pair(gc.s0, gc.s0), sc1 = Mma<T>::pair(gc.s1, gc.s1);
+
+  for (int c0 = 0; c0 < chunks; c0 += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u;
+      if (c >= chunks) break;  // block-uniform
+      cp_async_wait<kStages - 2>();
+      __syncthreads();          // chunk c is visible to all; everyone is done with chunk c - 1's stage
+      stage(c + kStages - 1);   // refill that stage
+      const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+      q[u] = c + U < chunks ? ld_stream(wp + (int64_t)(c + U) * 32) : make_uint4(0, 0, 0, 0);
+      const uint4* st = xs[c % kStages];
+#pragma unroll
+      for (int s2 = 0; s2 < 2; ++s2) {  // two k-steps per ldmatrix.x4
+        uint32_t a[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ks = c * 4 + 2 * s2 + h;
+          if ((ks >> gshift) != gc.cur) {
+            gc.advance();
+            sc0 = Mma<T>::pair(gc.s0, gc.s0), sc1 = Mma<T>::pair(gc.s1, gc.s1);
+          }
+          gc.codes(words[2 * s2 + h], a[h]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[h][r] = Mma<T>::mul(a[h][r], (r & 1) ? sc1 : sc0);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int row = mt * 8 + (lane & 7);
+          uint32_t b[4];
+          ldmatrix_x4(b, &st[row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7))]);
+          Mma<T>::mma(acc[mt], a[0], b[0], b[1]);
+          Mma<T>::mma(acc[mt], a[1], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  if (!store) return;
+  const float b0 = bias != nullptr && row0 < N ? to_float(bias[row0]) : 0.f;
+  const float b1 = bias != nullptr && row1 < N ? to_float(bias[row1]) : 0.f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = e >= 2 ? row1 : row0;
+      const int tok = m0 + mt * 8 + 2 * t + (e & 1);
+      if (row < N && tok < M) out[(int64_t)tok * N + row] = from_float<T>(acc[mt][e] + (e >= 2 ? b1 : b0));
+    }
+}
+
+int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atoi(env) : fallback;
 }
 
 template <typename T>
@@ -164,13 +402,36 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   auto stream = c10::cuda::getCurrentCUDAStream();
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const uint8_t* zp = zeros.defined() ? zeros.data_ptr<uint8_t>() : nullptr;
-  if (M <= decode_max_m()) {
-    const T* bp = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
-    T* op = reinterpret_cast<T*>(out.data_ptr());
+  const T* bp = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const uint4* wq = reinterpret_cast<const uint4*>(qweight.data_ptr());
+  const int steps = group_size / 16;
+  const bool fast = K % 64 == 0 && (steps & (steps - 1)) == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0 &&
+                    K < (int64_t(1) << 30) && !std::getenv("LLMC_W4_GENERIC");
+  if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
+    const int gshift = __builtin_ctz(steps);
+    if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
+      auto go = [&](auto kernel, int mt) {
+        const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
+        kernel<<<grid, kWarps * 32, 0, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, gshift,
+                                                 chunks);
+      };
+      if (M <= 8) go(w4a16_gemv<T, 1>, 1);
+      else if (M <= 16) go(w4a16_gemv<T, 2>, 2);
+      else go(w4a16_gemv<T, 4>, 4);
+    } else {
+      const dim3 grid((M + kTileTok - 1) / kTileTok, (N + 16 * kWarps - 1) / (16 * kWarps));
+      w4a16_tiled<T><<<grid, kWarps * 32, 0, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
+                                                       gshift, chunks);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (M <= env_int("LLMC_W4_DECODE_MAX_M", 64)) {
     auto go = [&](auto kernel, int mt) {
       const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
-      kernel<<<grid, kWarps * 32, 0, stream>>>(xp, reinterpret_cast<const uint4*>(qweight.data_ptr()),
-                                               scales.data_ptr<float>(), zp, bp, op, M, N, K, G, group_size, chunks);
+      kernel<<<grid, kWarps * 32, 0, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, K, G, group_size,
+                                               chunks);
     };
     if (M <= 8) go(w4a16_decode<T, 1>, 1);
     else if (M <= 16) go(w4a16_decode<T, 2>, 2);

@@ -15,6 +15,10 @@ bool w8a8_sm90_f16(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
                    const float* bias, at::Tensor& out);
 bool w8a8_sm90_f32(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
                    const float* bias, at::Tensor& out);
+// Alternative large-M tile configurations (bf16 output), picked by LLMC_W8A8_CFG=1|2 for the benchmark's
+// tile sweep: 1 = 128x256x128 cooperative, cluster 2x1; 2 = 128x128x256 ping-pong, cluster 1x2.
+bool w8a8_sm90_bf16_alt(int cfg, const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                        const at::Tensor& w_scale, const float* bias, at::Tensor& out);
 
 }  // namespace llmc::cuda
 
@@ -36,7 +40,9 @@ namespace llmc::cuda::sm90 {
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
-template <typename ElementD, typename TileShape, typename ClusterShape>
+template <typename ElementD, typename TileShape, typename ClusterShape,
+          typename Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+          typename EpiSchedule = cutlass::epilogue::TmaWarpSpecialized>
 struct Int8Gemm {
   using LayoutA = cutlass::layout::RowMajor;     // x_q [M, K]
   using LayoutB = cutlass::layout::ColumnMajor;  // w_q [N, K] row-major is B [K, N] column-major
@@ -56,13 +62,13 @@ struct Int8Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void, LayoutD, kAlignD, ElementD, LayoutD,
-      kAlignD, cutlass::epilogue::TmaWarpSpecialized, Epilogue>::CollectiveOp;
+      kAlignD, EpiSchedule, Epilogue>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, int8_t, LayoutA, 16, int8_t, LayoutB, 16, int32_t,
       TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+      Schedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -113,7 +119,28 @@ bool dispatch(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor
                         const at::Tensor& w_scale, const float* bias, at::Tensor& out) {                  \
     return llmc::cuda::sm90::dispatch<ELEMENT>(x_q, x_scale, w_q, w_scale, bias, out);                    \
   }
+#define LLMC_W8A8_SM90_ALT                                                                                \
+  bool llmc::cuda::w8a8_sm90_bf16_alt(int cfg, const at::Tensor& x_q, const at::Tensor& x_scale,          \
+                                      const at::Tensor& w_q, const at::Tensor& w_scale, const float* bias, \
+                                      at::Tensor& out) {                                                   \
+    using namespace cute;                                                                                  \
+    using E = cutlass::bfloat16_t;                                                                         \
+    if (cfg == 1)                                                                                          \
+      return llmc::cuda::sm90::Int8Gemm<E, Shape<_128, _256, _128>, Shape<_2, _1, _1>,                     \
+                                        cutlass::gemm::KernelTmaWarpSpecializedCooperative,                \
+                                        cutlass::epilogue::TmaWarpSpecializedCooperative>::run(            \
+          x_q, x_scale, w_q, w_scale, bias, out);                                                          \
+    if (cfg == 2)                                                                                          \
+      return llmc::cuda::sm90::Int8Gemm<E, Shape<_128, _128, _256>, Shape<_1, _2, _1>>::run(               \
+          x_q, x_scale, w_q, w_scale, bias, out);                                                          \
+    return false;                                                                                          \
+  }
 #else
+#define LLMC_W8A8_SM90_ALT                                                                                \
+  bool llmc::cuda::w8a8_sm90_bf16_alt(int, const at::Tensor&, const at::Tensor&, const at::Tensor&,       \
+                                      const at::Tensor&, const float*, at::Tensor&) {                     \
+    return false;                                                                                          \
+  }
 #define LLMC_W8A8_SM90(NAME, ELEMENT)                                                                     \
   bool llmc::cuda::NAME(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,       \
                         const float*, at::Tensor&) {                                                      \
