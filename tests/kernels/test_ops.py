@@ -264,3 +264,26 @@ def test_cuda_mma_layout_decodes_like_the_kernel():
         r, h = j % 4, j // 4
         got[tile * 16 + g + 8 * (r % 2), (c * 4 + s) * 16 + 2 * t + 8 * (r // 2) + h] = (words >> (4 * j)) & 0xF
     assert torch.equal(got[:n, :k], ref.unpack_int4(qweight, k).to(torch.int64))
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("m", [300, 1030])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_prefill_sizes(m, out_dtype):
+    """M > 256: the large-tile W8A8 GEMM (cooperative 128 x 256 tiles) and W4A16's dequantize-then-GEMM path."""
+    k, n = 1024, 520
+    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    x_scale = torch.rand(m, device="cuda") * 0.1 + 1e-3
+    w_q, w_scale = random_w8(n, k, "cuda")
+    bias = torch.randn(n, device="cuda")
+    y = ops.w8a8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    y_ref = ref.w8a8_mm(x_q.cpu(), x_scale.cpu(), w_q.cpu(), w_scale.cpu(), bias.cpu(), torch.float64,
+                        compute_dtype=torch.float64)
+    assert rel_err(y.cpu(), y_ref) < TOL[out_dtype]
+    if out_dtype == torch.float32:
+        return
+    qweight, scales, zeros = random_w4(n, k, 128, True, "cuda", scale_dtype=out_dtype)
+    x = torch.randn(m, k, device="cuda").to(out_dtype)
+    y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, 128))
+    y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), zeros.cpu(), 128, compute_dtype=torch.float64)
+    assert rel_err(y.cpu(), y_ref) < TOL[out_dtype] + 3e-3

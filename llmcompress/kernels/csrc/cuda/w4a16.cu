@@ -152,121 +152,175 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 
 
 // ---------------------------------------------------------------------------------------------------------
-// Fast paths. They need K % 64 == 0 (whole chunks), a power-of-two group of >= 16 (so the group of a k-step
-// is a shift), and 16-byte aligned activations; run() sends anything else to the kernels above.
-
-// Group bookkeeping shared by the fast kernels: a warp walks its k-steps in order, so the group advances by
-// one at a time and the next group's scales / zero points are loaded one group ahead, off the critical path.
+// Fast paths. They need K % 64 == 0 (whole chunks), a power-of-two group of >= 64 (so a chunk lies in one
+// group, found by a shift), and 16-byte aligned activations; run() sends anything else to the kernels above.
+//
+// A chunk's weights, scales and zero points are loaded together into a register slot U chunks before they
+// are used. (Loading the next group's scales "one group ahead" into loop-carried registers does not work:
+// the compiler moves the fresh value between registers right after the load, which waits for it, and the
+// warp stalls a full memory round trip at every group.)
 template <typename T>
-struct GroupCursor {
-  const float *s0p, *s1p;
-  const uint8_t *z0p, *z1p;
-  int G, cur;
-  float s0, s1, ns0, ns1;
-  uint32_t z0, z1, nz0, nz1;  // (bias + zero) pairs to subtract from the magic-number codes
+struct Slot {
+  uint4 q;          // 4 k-steps x 8 codes of this lane
+  float s0, s1;     // group scales of rows g and g + 8
+  uint32_t z0, z1;  // their zero points, raw bytes (converted at use, when the load has long landed)
 
-  __device__ __forceinline__ static uint32_t zpair(const uint8_t* zp, int gi) {
-    const float z = zp != nullptr ? float(zp[gi]) : 8.f;
-    return Mma<T>::pair(Mma<T>::kBias + z, Mma<T>::kBias + z);
+  __device__ __forceinline__ void load(const uint4* wq, const float* sp0, const float* sp1, const uint8_t* zp0,
+                                       const uint8_t* zp1, int c, int cshift, bool in) {
+    if (in) {
+      const int gi = c >> cshift;
+      q = ld_stream(wq);
+      s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi);
+      z0 = zp0 != nullptr ? __ldg(zp0 + gi) : 8u, z1 = zp1 != nullptr ? __ldg(zp1 + gi) : 8u;
+    } else {
+      q = make_uint4(0, 0, 0, 0), s0 = s1 = 0.f, z0 = z1 = 8u;
+    }
   }
-  __device__ __forceinline__ void start(const float* scales, const uint8_t* zeros, int row0, int row1, int N, int G_,
-                                        int g0) {
-    G = G_;
-    s0p = scales + (int64_t)min(row0, N - 1) * G;
-    s1p = scales + (int64_t)min(row1, N - 1) * G;
-    z0p = zeros != nullptr ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
-    z1p = zeros != nullptr ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
-    cur = g0;
-    s0 = s0p[g0], s1 = s1p[g0], z0 = zpair(z0p, g0), z1 = zpair(z1p, g0);
-    prefetch(min(g0 + 1, G - 1));
-  }
-  __device__ __forceinline__ void prefetch(int gn) {
-    ns0 = s0p[gn], ns1 = s1p[gn], nz0 = zpair(z0p, gn), nz1 = zpair(z1p, gn);
-  }
-  __device__ __forceinline__ void advance() {  // to group cur + 1
-    ++cur;
-    s0 = ns0, s1 = ns1, z0 = nz0, z1 = nz1;
-    prefetch(min(cur + 1, G - 1));
-  }
-  // The A fragment of one k-step (word: 8 codes), zero point removed, unscaled (exact small integers).
-  __device__ __forceinline__ void codes(uint32_t word, uint32_t* a) const {
+  // The A fragment of k-step s, zero point removed, unscaled (exact small integers).
+  __device__ __forceinline__ void codes(int s, uint32_t* a) const {
+    const uint32_t word = s == 0 ? q.x : s == 1 ? q.y : s == 2 ? q.z : q.w;
+    const uint32_t zz0 = Mma<T>::pair(Mma<T>::kBias + float(z0), Mma<T>::kBias + float(z0));
+    const uint32_t zz1 = Mma<T>::pair(Mma<T>::kBias + float(z1), Mma<T>::kBias + float(z1));
 #pragma unroll
-    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic, (r & 1) ? z1 : z0);
+    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic, (r & 1) ? zz1 : zz0);
   }
 };
 
-// Decode, M <= 32: one block of 8 warps per 16 output features; each warp takes a contiguous run of K chunks
-// and keeps U of its 512-byte weight loads in flight. Partial sums stay unscaled in fp32 for a group and are
-// scaled once when the group ends; the warps' sums are added in shared memory.
-template <typename T, int MT>
-__global__ void __launch_bounds__(kWarps * 32)
+// Decode, M <= 32: a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
+// N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
+// partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
+constexpr int kGemvWarps = 4;
+
+template <typename T, int MT, int U>
+__global__ void __launch_bounds__(kGemvWarps * 32, 4)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
-               int G, int gshift, int chunks) {
-  constexpr int U = 8;
+               int G, int cshift, int chunks) {
+  constexpr int W = kGemvWarps;
   const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = nt * 16 + g, row1 = row0 + 8;
-  const int per = (chunks + kWarps - 1) / kWarps;
+  const int per = (chunks + W - 1) / W;
   const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
-  float acc[MT][4], part[MT][4];
+  const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
+  const float* sp0 = scales + (int64_t)min(row0, N - 1) * G;
+  const float* sp1 = scales + (int64_t)min(row1, N - 1) * G;
+  const uint8_t* zp0 = zeros != nullptr ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
+  const uint8_t* zp1 = zeros != nullptr ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
+  const unsigned int* xr[MT];
+  bool xv[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int tok = m0 + mt * 8 + g;
+    xv[mt] = tok < M;
+    xr[mt] = reinterpret_cast<const unsigned int*>(x + (int64_t)(xv[mt] ? tok : 0) * K + 2 * t);
+  }
+  float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[mt][e] = part[mt][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
 
-  if (cb < ce) {  // warp-uniform; a warp past the end still joins the reduction below
-    const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
-    const unsigned int* xr[MT];
-    bool xv[MT];
+  // kStageX (one or two token tiles): each warp copies the activations of the chunks it is about to load
+  // into its own shared-memory ring with cp.async, one bank ahead like the weights, and reads them with
+  // ldmatrix; with four token tiles the ring would not fit, and activations are read from global memory.
+  constexpr bool kStageX = MT <= 2;
+  constexpr int R = 2 * U;                    // ring entries per warp: one per slot of the two banks
+  extern __shared__ __align__(128) uint4 xring_all[];
+  uint4* xring = xring_all + warp * (R * MT * 64);  // [R][MT * 8 tokens][8 units of 16 bytes], swizzled
+  auto stage_x = [&](int ring, int c) {
+    if (c < ce) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int tok = m0 + mt * 8 + g;
-      xv[mt] = tok < M;
-      xr[mt] = reinterpret_cast<const unsigned int*>(x + (int64_t)(xv[mt] ? tok : 0) * K + 2 * t);
-    }
-    GroupCursor<T> gc;
-    gc.start(scales, zeros, row0, row1, N, G, (cb * 4) >> gshift);
-    for (int c = cb; c < ce; c += U) {
-      uint4 q[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) q[u] = c + u < ce ? ld_stream(wp + (int64_t)(c - cb + u) * 32) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (c + u >= ce) break;
-        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const int ks = (c + u) * 4 + s;
-          if ((ks >> gshift) != gc.cur) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              acc[mt][0] += gc.s0 * part[mt][0], acc[mt][1] += gc.s0 * part[mt][1];
-              acc[mt][2] += gc.s1 * part[mt][2], acc[mt][3] += gc.s1 * part[mt][3];
-              part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
-            }
-            gc.advance();
-          }
-          uint32_t a[4];
-          gc.codes(words[s], a);
-          const int k2 = ks * 8;  // k / 2: index in 32-bit pairs
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t b0 = xv[mt] ? __ldg(xr[mt] + k2) : 0u;
-            const uint32_t b1 = xv[mt] ? __ldg(xr[mt] + k2 + 4) : 0u;
-            Mma<T>::mma(part[mt], a, b0, b1);
-          }
-        }
+      for (int j = 0; j < MT * 2; ++j) {
+        const int i = lane + 32 * j, tok = i >> 3, unit = i & 7;
+        const bool valid = m0 + tok < M;
+        cp_async16(xring + ring * (MT * 64) + tok * 8 + (unit ^ (tok & 7)),
+                   x + (int64_t)(valid ? m0 + tok : 0) * K + (int64_t)c * 64 + unit * 8, valid);
       }
     }
+  };
+
+  auto chunk = [&](const Slot<T>& sl, int c, int ring) {
+    uint32_t b[MT][4][2];
+    if constexpr (kStageX) {
+      const uint4* xr_s = xring + ring * (MT * 64);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int s2 = 0; s2 < 2; ++s2) {
+          const int row = mt * 8 + (lane & 7);
+          uint32_t r4[4];
+          ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
+          b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
+        }
+    } else {  // this chunk's activations first, so their latency overlaps the unpacking
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          b[mt][s][0] = xv[mt] ? __ldg(xr[mt] + (c * 4 + s) * 8) : 0u;
+          b[mt][s][1] = xv[mt] ? __ldg(xr[mt] + (c * 4 + s) * 8 + 4) : 0u;
+        }
+    }
+    float part[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[mt][e] = 0.f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t a[4];
+      sl.codes(s, a);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
+    }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      acc[mt][0] += gc.s0 * part[mt][0], acc[mt][1] += gc.s0 * part[mt][1];
-      acc[mt][2] += gc.s1 * part[mt][2], acc[mt][3] += gc.s1 * part[mt][3];
+      acc[mt][0] += sl.s0 * part[mt][0], acc[mt][1] += sl.s0 * part[mt][1];
+      acc[mt][2] += sl.s1 * part[mt][2], acc[mt][3] += sl.s1 * part[mt][3];
     }
-  }
+  };
 
-  __shared__ float red[kWarps][MT * 4][32];
+  Slot<T> sa[U], sb[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    sa[u].load(wp + u * 32, sp0, sp1, zp0, zp1, cb + u, cshift, cb + u < ce);
+    if constexpr (kStageX) stage_x(u, cb + u);
+  }
+  if constexpr (kStageX) cp_async_commit();
+  for (int c = cb; c < ce; c += 2 * U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      sb[u].load(wp + (c - cb + U + u) * 32, sp0, sp1, zp0, zp1, c + U + u, cshift, c + U + u < ce);
+      if constexpr (kStageX) stage_x(U + u, c + U + u);
+    }
+    if constexpr (kStageX) {
+      cp_async_commit();
+      cp_async_wait<1>();  // bank A's activations have landed (this lane's copies)...
+      __syncwarp();        // ...and every lane's
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c + u < ce) chunk(sa[u], c + u, u);
+    __syncwarp();  // bank A's ring entries are read before they are refilled
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      sa[u].load(wp + (c - cb + 2 * U + u) * 32, sp0, sp1, zp0, zp1, c + 2 * U + u, cshift, c + 2 * U + u < ce);
+      if constexpr (kStageX) stage_x(u, c + 2 * U + u);
+    }
+    if constexpr (kStageX) {
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncwarp();
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c + U + u < ce) chunk(sb[u], c + U + u, U + u);
+    __syncwarp();
+  }
+  if constexpr (kStageX) cp_async_wait<0>();
+
+  __shared__ float red[W][MT * 4][32];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -276,7 +330,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int l = i & 31, e = i >> 5;
     float v = 0.f;
 #pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][e][l];
+    for (int wi = 0; wi < W; ++wi) v += red[wi][e][l];
     const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
     const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
     if (row < N && tok < M) {
@@ -287,23 +341,36 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // Mid-size M (prefill of short prompts, batched decode): a block computes 32 tokens x 128 output features,
-// one 16-feature tile per warp, all warps walking the same K chunks. The block's activation chunk (32 tokens
-// x 64 k) is staged in shared memory by cp.async, kStages deep, XOR-swizzled so ldmatrix reads hit 8
-// distinct bank groups; every warp reuses it, so activations cost 1/8 of what per-warp loads would. Weights
-// stream from global memory into registers U chunks ahead. Here the group scale multiplies the dequantized
+// one 16-feature tile per warp, all warps walking the same K chunks. Each pipeline stage holds one chunk:
+// the block's activations (32 tokens x 64 k, XOR-swizzled so ldmatrix reads hit 8 distinct bank groups,
+// reused by all 8 warps), every warp's weight words, scales and zero-point bytes, all copied by cp.async
+// kStages - 1 chunks ahead, so no register waits on memory. The group scale multiplies the dequantized
 // weight in the activation dtype (one rounding, as a bf16 copy of the weight would have), which keeps one
-// fp32 accumulator set instead of two. Token blocks vary fastest in the grid, so the blocks that read the
-// same weights run together and share them through L2.
+// fp32 accumulator set. Token blocks vary fastest in the grid, so the blocks that read the same weights run
+// together and share them through L2.
 constexpr int kTileTok = 32;
-constexpr int kStages = 4;
+constexpr int kStages = 7;
+
+struct TiledStage {
+  uint4 x[kTileTok * 8];   // [token][8 units of 16 bytes], unit ^ (token % 8)
+  uint4 w[kWarps][32];     // each warp's 512 bytes of codes
+  float s[kWarps][16];     // scale of each of the warp's 16 rows
+  uint32_t z[kWarps][16];  // the aligned 4-byte word holding each row's zero point
+};
+constexpr int kTiledSmem = kStages * int(sizeof(TiledStage));
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     w4a16_tiled(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                 const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
-                int G, int gshift, int chunks) {
-  constexpr int MT = kTileTok / 8, U = 4;
-  __shared__ __align__(128) uint4 xs[kStages][kTileTok * 8];
+                int G, int cshift, int chunks) {
+  constexpr int MT = kTileTok / 8;
+  extern __shared__ __align__(128) uint4 tiled_smem[];
+  TiledStage* st = reinterpret_cast<TiledStage*>(tiled_smem);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * kTileTok;
   const int tiles = (N + 15) / 16;
@@ -311,65 +378,67 @@ __global__ void __launch_bounds__(kWarps * 32)
   const bool store = blockIdx.y * kWarps + warp < tiles;
   const int row0 = nt * 16 + g, row1 = row0 + 8;
 
-  // Staging: thread i copies 16 bytes (8 activations) of token row i / 8, unit i % 8, of every chunk.
+  // Copy duties. Activations: thread i copies 16 bytes of token row i / 8, unit i % 8. Weights: each lane
+  // its own 16 bytes. Lanes 0-15: the scale of row nt * 16 + lane; lanes 16-31: its zero-point word.
   const int lr = threadIdx.x >> 3, lu = threadIdx.x & 7;
   const bool lvalid = m0 + lr < M;
   const T* lsrc = x + (int64_t)(lvalid ? m0 + lr : 0) * K + lu * 8;
   const int ldst = lr * 8 + (lu ^ (lr & 7));
+  const uint4* wp = qw + (int64_t)nt * chunks * 32 + lane;
+  const int crow = min(nt * 16 + (lane & 15), N - 1);
+  const float* srow = scales + (int64_t)crow * G;
+  const uint8_t* zrow = zeros != nullptr ? zeros + (int64_t)crow * G : nullptr;
   auto stage = [&](int c) {
-    if (c < chunks) cp_async16(&xs[c % kStages][ldst], lsrc + (int64_t)c * 64, lvalid);
+    if (c < chunks) {
+      TiledStage& sg = st[c % kStages];
+      const int gi = c >> cshift;
+      cp_async16(&sg.x[ldst], lsrc + (int64_t)c * 64, lvalid);
+      cp_async16(&sg.w[warp][lane], wp + (int64_t)c * 32, true);
+      if (lane < 16) cp_async4(&sg.s[warp][lane], srow + gi, true);
+      else if (zrow != nullptr)
+        cp_async4(&sg.z[warp][lane - 16], reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(zrow + gi) & ~uintptr_t(3)), true);
+    }
     cp_async_commit();  // an empty group keeps the wait counts uniform
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) stage(s);
 
-  const uint4* wp = qw + (int64_t)nt * chunks * 32 + lane;
-  uint4 q[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) q[u] = u < chunks ? ld_stream(wp + u * 32) : make_uint4(0, 0, 0, 0);
-
+  // Byte position of this lane's rows' zero points inside their aligned words, per group parity mod 4.
+  const int64_t zb0 = (int64_t)min(row0, N - 1) * G, zb1 = (int64_t)min(row1, N - 1) * G;
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-  GroupCursor<T> gc;
-  gc.start(scales, zeros, row0, row1, N, G, 0);
-  uint32_t sc0 = Mma<T>::pair(gc.s0, gc.s0), sc1 = Mma<T>::pair(gc.s1, gc.s1);
 
-  for (int c0 = 0; c0 < chunks; c0 += U) {
+  for (int c = 0; c < chunks; ++c) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();         // chunk c is visible to all; everyone is done with chunk c - 1's stage
+    stage(c + kStages - 1);  // refill that stage
+    const TiledStage& sg = st[c % kStages];
+    const int gi = c >> cshift;
+    Slot<T> sl;
+    sl.q = sg.w[warp][lane];
+    sl.s0 = sg.s[warp][g], sl.s1 = sg.s[warp][g + 8];
+    sl.z0 = zeros != nullptr ? (sg.z[warp][g] >> (8 * int((zb0 + gi) & 3))) & 0xFFu : 8u;
+    sl.z1 = zeros != nullptr ? (sg.z[warp][g + 8] >> (8 * int((zb1 + gi) & 3))) & 0xFFu : 8u;
+    uint32_t a[4][4];
+    const uint32_t sc0 = Mma<T>::pair(sl.s0, sl.s0), sc1 = Mma<T>::pair(sl.s1, sl.s1);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u;
-      if (c >= chunks) break;  // block-uniform
-      cp_async_wait<kStages - 2>();
-      __syncthreads();          // chunk c is visible to all; everyone is done with chunk c - 1's stage
-      stage(c + kStages - 1);   // refill that stage
-      const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-      q[u] = c + U < chunks ? ld_stream(wp + (int64_t)(c + U) * 32) : make_uint4(0, 0, 0, 0);
-      const uint4* st = xs[c % kStages];
+    for (int s = 0; s < 4; ++s) {
+      sl.codes(s, a[s]);
 #pragma unroll
-      for (int s2 = 0; s2 < 2; ++s2) {  // two k-steps per ldmatrix.x4
-        uint32_t a[2][4];
+      for (int r = 0; r < 4; ++r) a[s][r] = Mma<T>::mul(a[s][r], (r & 1) ? sc1 : sc0);
+    }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int ks = c * 4 + 2 * s2 + h;
-          if ((ks >> gshift) != gc.cur) {
-            gc.advance();
-            sc0 = Mma<T>::pair(gc.s0, gc.s0), sc1 = Mma<T>::pair(gc.s1, gc.s1);
-          }
-          gc.codes(words[2 * s2 + h], a[h]);
+    for (int s2 = 0; s2 < 2; ++s2) {  // two k-steps per ldmatrix.x4
 #pragma unroll
-          for (int r = 0; r < 4; ++r) a[h][r] = Mma<T>::mul(a[h][r], (r & 1) ? sc1 : sc0);
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int row = mt * 8 + (lane & 7);
-          uint32_t b[4];
-          ldmatrix_x4(b, &st[row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7))]);
-          Mma<T>::mma(acc[mt], a[0], b[0], b[1]);
-          Mma<T>::mma(acc[mt], a[1], b[2], b[3]);
-        }
+      for (int mt = 0; mt < MT; ++mt) {
+        const int row = mt * 8 + (lane & 7);
+        uint32_t b[4];
+        ldmatrix_x4(b, &sg.x[row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7))]);
+        Mma<T>::mma(acc[mt], a[2 * s2], b[0], b[1]);
+        Mma<T>::mma(acc[mt], a[2 * s2 + 1], b[2], b[3]);
       }
     }
   }
@@ -405,24 +474,28 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   const T* bp = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const uint4* wq = reinterpret_cast<const uint4*>(qweight.data_ptr());
-  const int steps = group_size / 16;
-  const bool fast = K % 64 == 0 && (steps & (steps - 1)) == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0 &&
+  const int cpg = group_size / 64;  // chunks per group
+  const bool fast = K % 64 == 0 && group_size % 64 == 0 && (cpg & (cpg - 1)) == 0 &&
+                    reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(zp) % 4 == 0 &&
                     K < (int64_t(1) << 30) && !std::getenv("LLMC_W4_GENERIC");
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
-    const int gshift = __builtin_ctz(steps);
+    const int cshift = __builtin_ctz(cpg);
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
-      auto go = [&](auto kernel, int mt) {
+      auto go = [&](auto kernel, int mt, int u) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
-        kernel<<<grid, kWarps * 32, 0, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, gshift,
-                                                 chunks);
+        const int smem = mt <= 2 ? kGemvWarps * 2 * u * mt * 64 * 16 : 0;  // the activation rings
+        if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        kernel<<<grid, kGemvWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
+                                                        cshift, chunks);
       };
-      if (M <= 8) go(w4a16_gemv<T, 1>, 1);
-      else if (M <= 16) go(w4a16_gemv<T, 2>, 2);
-      else go(w4a16_gemv<T, 4>, 4);
+      if (M <= 8) go(w4a16_gemv<T, 1, 4>, 1, 4);
+      else if (M <= 16) go(w4a16_gemv<T, 2, 3>, 2, 3);
+      else go(w4a16_gemv<T, 4, 2>, 4, 2);  // fewer slots in flight: four token tiles need the registers
     } else {
       const dim3 grid((M + kTileTok - 1) / kTileTok, (N + 16 * kWarps - 1) / (16 * kWarps));
-      w4a16_tiled<T><<<grid, kWarps * 32, 0, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
-                                                       gshift, chunks);
+      C10_CUDA_CHECK(cudaFuncSetAttribute(w4a16_tiled<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmem));
+      w4a16_tiled<T><<<grid, kWarps * 32, kTiledSmem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N,
+                                                                int(K), G, cshift, chunks);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;

@@ -11,8 +11,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
-
 #include "../checks.h"
 #include "common.cuh"
 #include "ops.h"
@@ -92,18 +90,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// The decode fast path (K % 64 == 0, 16-byte aligned rows): each warp takes a contiguous run of 64-column
-// chunks and keeps U of them (2 x 16 bytes per lane) in flight; 32-bit indexing, no per-load bounds checks.
+// The decode fast path (K % 64 == 0, 16-byte aligned rows): the old kernel's chunk order (the block's warps
+// read neighbouring 64-column chunks, so each row is read in 512-byte runs) with 32-bit indexing and no
+// per-load bounds checks, and few enough registers for four blocks per SM (one wave at N = 8192).
 template <typename TO, int MT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 3)
     w8a8_gemv(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
               const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N, int K) {
-  constexpr int U = 8;
+  constexpr int U = 4;
   const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = nt * 16 + g, row1 = row0 + 8;
-  const int chunks = K / 64, per = (chunks + kWarps - 1) / kWarps;
-  const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
+  const int chunks = K / 64;
   const uint4* w0 = reinterpret_cast<const uint4*>(w + (int64_t)min(row0, N - 1) * K) + t;
   const uint4* w1 = reinterpret_cast<const uint4*>(w + (int64_t)min(row1, N - 1) * K) + t;
   const uint4* xr[MT];
@@ -118,22 +116,23 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
 
-  for (int c = cb; c < ce; c += U) {
+  for (int c0 = warp; c0 < chunks; c0 += kWarps * U) {
     uint4 wa[U], wb[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const bool in = c + u < ce;
-      wa[u] = in ? ld_stream(w0 + (c + u) * 4) : make_uint4(0, 0, 0, 0);
-      wb[u] = in ? ld_stream(w1 + (c + u) * 4) : make_uint4(0, 0, 0, 0);
+      const int c = c0 + u * kWarps;
+      wa[u] = c < chunks ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
+      wb[u] = c < chunks ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (c + u >= ce) break;
+      const int c = c0 + u * kWarps;
+      if (c >= chunks) break;
       const uint32_t a_lo[4] = {wa[u].x, wb[u].x, wa[u].y, wb[u].y};
       const uint32_t a_hi[4] = {wa[u].z, wb[u].z, wa[u].w, wb[u].w};
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const uint4 b = xv[mt] ? __ldg(xr[mt] + (c + u) * 4) : make_uint4(0, 0, 0, 0);
+        const uint4 b = xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
         mma_s8(acc[mt], a_lo, b.x, b.y);
         mma_s8(acc[mt], a_hi, b.z, b.w);
       }
@@ -236,10 +235,6 @@ at::Tensor w8a8_mm_cuda(const at::Tensor& x_q, const at::Tensor& x_scale, const 
   // Measured on H100 at 8192x8192: the decode kernel wins to M = 16; at M = 32 _int_mm already beat it.
   const bool prefill = M > 16 && K % 8 == 0 && N % 8 == 0 && K >= 16;
   if (M > 16) {
-    const char* env = std::getenv("LLMC_W8A8_CFG");  // read per call so one benchmark process can sweep
-    const int alt = env != nullptr ? std::atoi(env) : 0;
-    if (alt != 0 && M > 256 && out_dtype == at::kBFloat16 && w8a8_sm90_bf16_alt(alt, x_q, x_scale, w_q, w_scale, bp, out))
-      return out;
     const bool done = out_dtype == at::kBFloat16 ? w8a8_sm90_bf16(x_q, x_scale, w_q, w_scale, bp, out)
                     : out_dtype == at::kHalf     ? w8a8_sm90_f16(x_q, x_scale, w_q, w_scale, bp, out)
                                                  : w8a8_sm90_f32(x_q, x_scale, w_q, w_scale, bp, out);

@@ -15,10 +15,6 @@ bool w8a8_sm90_f16(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
                    const float* bias, at::Tensor& out);
 bool w8a8_sm90_f32(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
                    const float* bias, at::Tensor& out);
-// Alternative large-M tile configurations (bf16 output), picked by LLMC_W8A8_CFG=1|2 for the benchmark's
-// tile sweep: 1 = 128x256x128 cooperative, cluster 2x1; 2 = 128x128x256 ping-pong, cluster 1x2.
-bool w8a8_sm90_bf16_alt(int cfg, const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
-                        const at::Tensor& w_scale, const float* bias, at::Tensor& out);
 
 }  // namespace llmc::cuda
 
@@ -103,13 +99,17 @@ struct Int8Gemm {
   }
 };
 
-// Tile by problem size, as for Hopper int8 in vLLM's measurements: 64-row tiles until M fills 128-row ones.
+// Tile by problem size: 64-row ping-pong tiles until M fills 128-row ones, then 128 x 256 cooperative tiles
+// (two consumer warp groups) on 2 x 1 clusters. Measured on an H100, M = 1024 / 4096 at 8192 x 8192, bf16 out:
+// 1.87x / 1.81x bf16 matmul against 1.05x / 1.10x for 128 x 128 ping-pong (vLLM's choice) and 1.11x / 1.15x
+// for 128 x 128 x 256 (scripts/results/h100/README.md has the sweep).
 template <typename ElementD>
 bool dispatch(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
               const float* bias, at::Tensor& out) {
   if (x_q.size(0) <= 256)
     return Int8Gemm<ElementD, Shape<_64, _128, _128>, Shape<_1, _2, _1>>::run(x_q, x_scale, w_q, w_scale, bias, out);
-  return Int8Gemm<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>>::run(x_q, x_scale, w_q, w_scale, bias, out);
+  return Int8Gemm<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                  cutlass::epilogue::TmaWarpSpecializedCooperative>::run(x_q, x_scale, w_q, w_scale, bias, out);
 }
 
 }  // namespace llmc::cuda::sm90
@@ -119,28 +119,7 @@ bool dispatch(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor
                         const at::Tensor& w_scale, const float* bias, at::Tensor& out) {                  \
     return llmc::cuda::sm90::dispatch<ELEMENT>(x_q, x_scale, w_q, w_scale, bias, out);                    \
   }
-#define LLMC_W8A8_SM90_ALT                                                                                \
-  bool llmc::cuda::w8a8_sm90_bf16_alt(int cfg, const at::Tensor& x_q, const at::Tensor& x_scale,          \
-                                      const at::Tensor& w_q, const at::Tensor& w_scale, const float* bias, \
-                                      at::Tensor& out) {                                                   \
-    using namespace cute;                                                                                  \
-    using E = cutlass::bfloat16_t;                                                                         \
-    if (cfg == 1)                                                                                          \
-      return llmc::cuda::sm90::Int8Gemm<E, Shape<_128, _256, _128>, Shape<_2, _1, _1>,                     \
-                                        cutlass::gemm::KernelTmaWarpSpecializedCooperative,                \
-                                        cutlass::epilogue::TmaWarpSpecializedCooperative>::run(            \
-          x_q, x_scale, w_q, w_scale, bias, out);                                                          \
-    if (cfg == 2)                                                                                          \
-      return llmc::cuda::sm90::Int8Gemm<E, Shape<_128, _128, _256>, Shape<_1, _2, _1>>::run(               \
-          x_q, x_scale, w_q, w_scale, bias, out);                                                          \
-    return false;                                                                                          \
-  }
 #else
-#define LLMC_W8A8_SM90_ALT                                                                                \
-  bool llmc::cuda::w8a8_sm90_bf16_alt(int, const at::Tensor&, const at::Tensor&, const at::Tensor&,       \
-                                      const at::Tensor&, const float*, at::Tensor&) {                     \
-    return false;                                                                                          \
-  }
 #define LLMC_W8A8_SM90(NAME, ELEMENT)                                                                     \
   bool llmc::cuda::NAME(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,       \
                         const float*, at::Tensor&) {                                                      \
