@@ -113,7 +113,9 @@ def decode_graph(model, batch: int, ctx: int, steps: int, device, warmup, repeat
     """Static KV cache; one decode step captured in a CUDA graph, replayed `steps` times."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 8)
+    # The cache's write position advances with every replay, whatever cache_position says (transformers 5.x
+    # keeps its own counter), so it must hold every step of the warm-up and timed runs, not just one run.
+    cache = StaticCache(config=model.config, max_cache_len=ctx + 4 + steps * (warmup + repeats) + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
     model(ids, past_key_values=cache, cache_position=torch.arange(ctx, device=device), use_cache=True,
           logits_to_keep=1)

@@ -484,7 +484,8 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       auto go = [&](auto kernel, int mt, int u) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
         const int smem = mt <= 2 ? kGemvWarps * 2 * u * mt * 64 * 16 : 0;  // the activation rings
-        if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        // Dynamic + static shared memory may pass 48 KiB, which needs the opt-in (a cheap host call).
+        if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         kernel<<<grid, kGemvWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
                                                         cshift, chunks);
       };
