@@ -13,6 +13,13 @@ and KV-cache scales, one decoder layer at a time.
         report its reconstruction error ‖y_q − y‖² / ‖y‖² (on the first ERROR_BATCHES batches unless the
             float pass ran over all), put its float weights back, offload it
 
+GPTQ on a Llama-shaped layer (checked once, on the first layer, by computing one batch both ways) fuses steps 3
+and 4: q/k/v's input, then the attention output with the quantized q/k/v, then h = x + o_proj(that), then the
+MLP's down_proj input are each computed once and kept, so the quantized layer's output is h + down_proj(x_d)
+with no second pass (one forward's worth of compute per layer instead of about 2.5; memory: those per-batch
+activations, the largest [tokens, intermediate] for down_proj). Static activation scales and KV-cache
+observation need the quantized pass and take the generic path.
+
 Only one decoder layer's weights and activations need be on `device`. The groups of Linears reading one input
 and the op producing that input follow the Llama naming (Llama, Mistral, Qwen2 and SmolLM share it).
 """
@@ -140,6 +147,9 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
     static_acts = cfg.activations.format != "none" and not cfg.activations.dynamic
     kv = KVObserver(model) if cfg.kv_cache.format != "none" else None
     smooth, method = cfg.smoothquant, cfg.method
+    # the fused GPTQ pass (see _gptq_fused) replaces the quantized pass, so nothing may need to watch that pass
+    can_fuse = cfg.gptq.true_sequential and kv is None and not static_acts
+    fusable: Optional[bool] = None  # decided on the first layer: does the decoder layer decompose Llama-style?
 
     for i in reporter.track(range(len(lw)), total=len(lw), description=f"quantize ({method}, layer by layer)"):
         t_layer = time.perf_counter()
@@ -205,12 +215,18 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
 
         # 3. weights: GPTQ (stacked per group: rows are independent given H) or RTN; Ŵ goes in for the final pass
         floats = {rel: lin.weight.detach().clone() for rel, lin in mine.items()}
+        fused_out = None
         if method == "gptq" or (method == "awq" and cfg.awq.gptq):
-            stages = [[g] for g in groups] if cfg.gptq.true_sequential else [groups]
-            for stage in stages:
-                hess = _hessians(layer, lw, masks, mine, stage)
-                for prod, cons in stage:
-                    _gptq_group(mine, cons, hess[prod].value(), spec, new_observer, cfg, result, prefix)
+            if fusable is None and can_fuse and len(groups) == len(GROUPS):
+                fusable = _decomposes(layer, lw, masks, mine, ref)
+            if fusable and len(groups) == len(GROUPS):
+                fused_out = _gptq_fused(layer, lw, masks, mine, groups, spec, new_observer, cfg, result, prefix)
+            else:
+                stages = [[g] for g in groups] if cfg.gptq.true_sequential else [groups]
+                for stage in stages:
+                    hess = _hessians(layer, lw, masks, mine, stage)
+                    for prod, cons in stage:
+                        _gptq_group(mine, cons, hess[prod].value(), spec, new_observer, cfg, result, prefix)
         else:
             for rel, lin in mine.items():
                 qw = quantize_weight(lin.weight, spec, new_observer(spec))
@@ -230,8 +246,11 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                     lw.current = b
                     if kv:
                         kv.mask = masks[b]
-                    out = layer(lw.hidden[b], **lw.kwargs[b])
-                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    if fused_out is not None:  # the fused GPTQ pass already computed the quantized layer's output
+                        out = fused_out[b]
+                    else:
+                        out = layer(lw.hidden[b], **lw.kwargs[b])
+                        out = out[0] if isinstance(out, (tuple, list)) else out
                     if b in ref:
                         m = masks[b]
                         num += float((out - ref[b])[m].float().pow(2).sum())
@@ -285,6 +304,85 @@ def _weight_fake_quant(spec: QuantSpec, new_observer) -> Callable[[torch.Tensor]
     return lambda w: fake_quantize(w, *weight_qparams(w, spec, new_observer(spec)), spec)
 
 
+def _upto(module: nn.Module, stop_at: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """Run `module` until `stop_at` is called; return the input `stop_at` would have read."""
+    got = []
+
+    def hook(m, a):
+        got.append(a[0])
+        raise _Stop
+
+    h = stop_at.register_forward_pre_hook(hook)
+    try:
+        module(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise RuntimeError(f"{type(module).__name__} never called {type(stop_at).__name__}")
+    return got[0]
+
+
+def _decomposed(layer, mine, hidden, kwargs) -> torch.Tensor:
+    """The Llama decoder layer written out: h = x + o_proj(attention(...)); out = h + down_proj(mlp input)."""
+    o, down = mine["self_attn.o_proj"], mine["mlp.down_proj"]
+    h = hidden + o(_upto(layer, o, hidden, **kwargs))
+    x_d = _upto(layer.mlp, down, layer.post_attention_layernorm(h))
+    return h + down(x_d)
+
+
+def _decomposes(layer, lw, masks, mine, ref) -> bool:
+    """Whether this decoder layer is Llama-shaped (pre-norm residual attention then MLP, o_proj and down_proj
+    last), checked by computing one reference batch both ways; otherwise GPTQ takes the generic path."""
+    if not all(hasattr(layer, a) for a in ("mlp", "post_attention_layernorm")) or not ref:
+        return False
+    b = min(ref)
+    try:
+        lw.current = b
+        out = _decomposed(layer, mine, lw.hidden[b], lw.kwargs[b])
+    except Exception:
+        return False
+    finally:
+        lw.current = None
+    m = masks[b]
+    err = float((out - ref[b])[m].float().pow(2).sum()) / max(float(ref[b][m].float().pow(2).sum()), 1e-30)
+    return err < 1e-8
+
+
+def _gptq_fused(layer, lw, masks, mine, groups, spec, new_observer, cfg, result, prefix) -> list[torch.Tensor]:
+    """True-sequential GPTQ for a Llama-shaped layer in one forward's worth of compute: each sublayer's input is
+    computed once, from the already-quantized sublayers before it, and kept for the next stage, so the layer's
+    quantized output falls out at the end (no second pass). Same Hessians and result as the generic path."""
+    (p_qkv, c_qkv), (p_o, c_o), (p_gu, c_gu), (p_d, c_d) = groups
+    o, down = mine[c_o[0]], mine[c_d[0]]
+    n_b = len(lw.batches)
+
+    def stage(prod, cons, inputs) -> None:
+        hess = Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device)
+        for b, x in enumerate(inputs):
+            hess.add(_rows(x, masks[b]))
+        _gptq_group(mine, cons, hess.value(), spec, new_observer, cfg, result, prefix)
+
+    def qkv_input(b):
+        lw.current = b
+        return _upto(layer, mine[c_qkv[0]], lw.hidden[b], **lw.kwargs[b])
+
+    stage(p_qkv, c_qkv, (qkv_input(b) for b in range(n_b)))
+    x_o = []
+    for b in range(n_b):
+        lw.current = b
+        x_o.append(_upto(layer, o, lw.hidden[b], **lw.kwargs[b]))  # attention with the quantized q/k/v
+    lw.current = None
+    stage(p_o, c_o, x_o)
+    h = [lw.hidden[b] + o(x_o[b]) for b in range(n_b)]
+    del x_o
+    stage(p_gu, c_gu, (layer.post_attention_layernorm(h[b]) for b in range(n_b)))
+    x_d = [_upto(layer.mlp, down, layer.post_attention_layernorm(h[b])) for b in range(n_b)]
+    stage(p_d, c_d, x_d)
+    return [h[b] + down(x_d[b]) for b in range(n_b)]
+
+
 def _hessians(layer, lw, masks, mine, stage) -> dict[str, Hessian]:
     """H of each group's shared input, from one pass of the layer that stops at the stage's last consumer."""
     hess = {prod: Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device) for prod, cons in stage}
@@ -318,7 +416,8 @@ def _gptq_group(mine, cons, H, spec, new_observer, cfg, result, prefix) -> None:
     g = cfg.gptq
     for chunk in ([[c] for c in cons] if spec.granularity == "tensor" else [list(cons)]):
         W = torch.cat([mine[c].weight for c in chunk])
-        res = gptq_quantize(W, H, spec, new_observer(spec), g.damp, g.block_size, g.act_order, g.static_groups)
+        res = gptq_quantize(W, H, spec, new_observer(spec), g.damp, g.block_size, g.act_order, g.static_groups,
+                            g.refit_scales)
         r0 = 0
         for c in chunk:
             n = mine[c].out_features

@@ -81,3 +81,20 @@ def test_gptq_block_size_does_not_change_the_result():
     # float reassociation moves scales by ~1e-6 and may flip a rare rounding tie, never more
     assert ((a - b).abs() > 1e-4).float().mean() < 0.01
     assert not torch.equal(a, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", True, "group", 64, "float16"),
+                                  QuantSpec("uint4", False, "group", 128, "float16"),  # ragged last group
+                                  QuantSpec("int8", True, "channel", 128, "float16")])
+def test_refit_scales_never_raises_the_error_and_stays_on_the_stored_grid(spec):
+    k, n = 576, 64
+    X = _correlated_inputs(2048, k)
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+    H = 2 * X.t() @ X / X.shape[0]
+    for act_order in (False, True):
+        a = gptq_quantize(W, H, spec, make_observer("minmax", spec), act_order=act_order)
+        b = gptq_quantize(W, H, spec, make_observer("minmax", spec), act_order=act_order, refit_scales=True)
+        assert b.error <= a.error * (1 + 1e-6)
+        assert b.error < 0.99 * a.error  # and it does find better scales for GPTQ's codes
+        torch.testing.assert_close(fake_quantize(b.weight, b.scale, b.zero_point, spec), b.weight, rtol=0, atol=0)
+        assert torch.equal(b.scale, b.scale.half().float())  # representable in the stored scale dtype

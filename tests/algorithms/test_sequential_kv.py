@@ -139,3 +139,22 @@ def test_llmc_quantize_cli_gptq_with_kv_cache_writes_a_loadable_checkpoint(tiny,
         logits, ref = loaded(ids).logits, model(ids).logits
     assert torch.isfinite(logits).all()
     assert float((logits - ref).pow(2).mean()) < 0.1 * float(ref.pow(2).mean())
+
+
+def test_fused_gptq_matches_the_generic_layer_by_layer_path(tiny, monkeypatch):
+    # the fused true-sequential pass (one forward per layer) computes the same Hessians as running the layer once
+    # per stage and again with the quantized weights: same codes, same quantized outputs
+    from llmcompress.quant import sequential
+
+    calls = []
+    real = sequential._decomposes
+    monkeypatch.setattr(sequential, "_decomposes", lambda *a: calls.append(real(*a)) or calls[-1])
+    fused, _, _ = _quantized(tiny, W4 + ["method=gptq"])
+    assert calls == [True]  # checked once, on the first layer: the tiny Llama decomposes
+    monkeypatch.setattr(sequential, "_decomposes", lambda *a: False)
+    generic, _, _ = _quantized(tiny, W4 + ["method=gptq"])
+    model, _, ids = tiny
+    for (name, a), (_, b) in zip(fused.named_buffers(), generic.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, generic(ids).logits, rtol=1e-4, atol=1e-4)
