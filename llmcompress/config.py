@@ -379,6 +379,8 @@ class GPTQConfig:
                               "always does, so groups stay contiguous in the checkpoint (no g_idx) for the kernels")
     true_sequential: bool = opt(True, "within a decoder layer, quantize q/k/v, then o, then gate/up, then down, "
                                 "each on inputs produced by the already-quantized sublayers")
+    refit_scales: bool = opt(False, "after GPTQ, re-solve each row's scales for the chosen codes by least squares "
+                             "on the same damped Hessian (a row keeps its old scales unless the error drops)")
 
     def check(self):
         if self.block_size % 2:
