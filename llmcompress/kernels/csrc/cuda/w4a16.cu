@@ -123,7 +123,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Rows [n0, n0 + rows) of the weight, dequantized into w [rows, K]; one thread per packed word.
+// Rows [n0, n0 + rows) of the weight, dequantized into w [rows, K]; one thread per packed word. A word is one
+// 16-column k-step of rows g and g + 8, so it lies in one group (group_size % 16 == 0): one scale and zero
+// point per row, and its columns come in adjacent pairs, stored two at a time when K is even.
 template <typename T>
 __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __restrict__ scales,
                               const uint8_t* __restrict__ zeros, T* __restrict__ w, int n0, int rows, int N, int64_t K,
@@ -134,22 +136,34 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
   const int s = i & 3, lane = (i >> 2) & 31;
   const int64_t c = (i >> 7) % chunks;
   const int nt = int((i >> 7) / chunks) + n0 / 16;
-  const uint32_t word = qw[(((int64_t)nt * chunks + c) * 32 + lane) * 4 + s];
-  const int g = lane >> 2, t = lane & 3;
   const int64_t k0 = (c * 4 + s) * 16;
+  if (k0 >= K) return;
+  const uint32_t word = qw[(((int64_t)nt * chunks + c) * 32 + lane) * 4 + s];
+  const int g = lane >> 2, t = lane & 3, gi = int(k0 / group_size);
+  const bool pairs = (K & 1) == 0;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int r = j & 3, half = j >> 2;
-    const int row = nt * 16 + g + 8 * (r & 1);
-    const int64_t k = k0 + 2 * t + 8 * (r >> 1) + half;
-    if (row < N && row - n0 < rows && k < K) {
-      const int gi = int(k / group_size);
-      const float z = zeros != nullptr ? float(zeros[(int64_t)row * G + gi]) : 8.f;
-      w[(int64_t)(row - n0) * K + k] = from_float<T>((float((word >> (4 * j)) & 0xF) - z) * scales[(int64_t)row * G + gi]);
+  for (int half = 0; half < 2; ++half) {
+    const int row = nt * 16 + g + 8 * half;
+    if (row >= N || row - n0 >= rows) continue;
+    const float sc = scales[(int64_t)row * G + gi];
+    const float z = zeros != nullptr ? float(zeros[(int64_t)row * G + gi]) : 8.f;
+    T* out = w + (int64_t)(row - n0) * K;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const int r = half + 2 * kk;  // fragment register: nibble r holds column k, nibble r + 4 column k + 1
+      const int64_t k = k0 + 2 * t + 8 * kk;
+      const T v0 = from_float<T>((float((word >> (4 * r)) & 0xF) - z) * sc);
+      const T v1 = from_float<T>((float((word >> (4 * (r + 4))) & 0xF) - z) * sc);
+      if (pairs && k + 1 < K) {
+        const T pair[2] = {v0, v1};
+        *reinterpret_cast<uint32_t*>(out + k) = *reinterpret_cast<const uint32_t*>(pair);
+      } else {
+        if (k < K) out[k] = v0;
+        if (k + 1 < K) out[k + 1] = v1;
+      }
     }
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------------------
 // Fast paths. They need K % 64 == 0 (whole chunks), a power-of-two group of >= 64 (so a chunk lies in one
@@ -186,7 +200,7 @@ struct Slot {
   }
 };
 
-// Decode, M <= 32: a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
+// Decode, M <= 32 (16-token tiles side by side past 16): a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
 constexpr int kGemvWarps = 4;
@@ -207,24 +221,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
   const float* sp1 = scales + (int64_t)min(row1, N - 1) * G;
   const uint8_t* zp0 = zeros != nullptr ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
   const uint8_t* zp1 = zeros != nullptr ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
-  const unsigned int* xr[MT];
-  bool xv[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int tok = m0 + mt * 8 + g;
-    xv[mt] = tok < M;
-    xr[mt] = reinterpret_cast<const unsigned int*>(x + (int64_t)(xv[mt] ? tok : 0) * K + 2 * t);
-  }
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
 
-  // kStageX (one or two token tiles): each warp copies the activations of the chunks it is about to load
-  // into its own shared-memory ring with cp.async, one bank ahead like the weights, and reads them with
-  // ldmatrix; with four token tiles the ring would not fit, and activations are read from global memory.
-  constexpr bool kStageX = MT <= 2;
+  // Each warp copies the activations of the chunks it is about to load into its own shared-memory ring with
+  // cp.async, one bank ahead like the weights, and reads them with ldmatrix.
+  static_assert(MT <= 2, "the activation ring holds one or two 8-token tiles");
   constexpr int R = 2 * U;                    // ring entries per warp: one per slot of the two banks
   extern __shared__ __align__(128) uint4 xring_all[];
   uint4* xring = xring_all + warp * (R * MT * 64);  // [R][MT * 8 tokens][8 units of 16 bytes], swizzled
@@ -242,26 +247,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
 
   auto chunk = [&](const Slot<T>& sl, int c, int ring) {
     uint32_t b[MT][4][2];
-    if constexpr (kStageX) {
-      const uint4* xr_s = xring + ring * (MT * 64);
+    const uint4* xr_s = xring + ring * (MT * 64);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int s2 = 0; s2 < 2; ++s2) {
-          const int row = mt * 8 + (lane & 7);
-          uint32_t r4[4];
-          ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
-          b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
-        }
-    } else {  // this chunk's activations first, so their latency overlaps the unpacking
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          b[mt][s][0] = xv[mt] ? __ldg(xr[mt] + (c * 4 + s) * 8) : 0u;
-          b[mt][s][1] = xv[mt] ? __ldg(xr[mt] + (c * 4 + s) * 8 + 4) : 0u;
-        }
-    }
+      for (int s2 = 0; s2 < 2; ++s2) {
+        const int row = mt * 8 + (lane & 7);
+        uint32_t r4[4];
+        ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
+        b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
+      }
     float part[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -285,16 +280,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     sa[u].load(wp + u * 32, sp0, sp1, zp0, zp1, cb + u, cshift, cb + u < ce);
-    if constexpr (kStageX) stage_x(u, cb + u);
+    stage_x(u, cb + u);
   }
-  if constexpr (kStageX) cp_async_commit();
+  cp_async_commit();
   for (int c = cb; c < ce; c += 2 * U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       sb[u].load(wp + (c - cb + U + u) * 32, sp0, sp1, zp0, zp1, c + U + u, cshift, c + U + u < ce);
-      if constexpr (kStageX) stage_x(U + u, c + U + u);
+      stage_x(U + u, c + U + u);
     }
-    if constexpr (kStageX) {
+    {
       cp_async_commit();
       cp_async_wait<1>();  // bank A's activations have landed (this lane's copies)...
       __syncwarp();        // ...and every lane's
@@ -306,9 +301,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       sa[u].load(wp + (c - cb + 2 * U + u) * 32, sp0, sp1, zp0, zp1, c + 2 * U + u, cshift, c + 2 * U + u < ce);
-      if constexpr (kStageX) stage_x(u, c + 2 * U + u);
+      stage_x(u, c + 2 * U + u);
     }
-    if constexpr (kStageX) {
+    {
       cp_async_commit();
       cp_async_wait<1>();
       __syncwarp();
@@ -318,7 +313,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
       if (c + U + u < ce) chunk(sb[u], c + U + u, U + u);
     __syncwarp();
   }
-  if constexpr (kStageX) cp_async_wait<0>();
+  cp_async_wait<0>();
 
   __shared__ float red[W][MT * 4][32];
 #pragma unroll
@@ -457,6 +452,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
+// Ask for the largest shared-memory carveout: without it the driver may size L1/shared for fewer resident
+// blocks than registers allow (several blocks per SM is what hides these kernels' memory latency).
+template <typename K>
+void prefer_shared(K kernel) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+}
+
 int env_int(const char* name, int fallback) {
   const char* env = std::getenv(name);
   return env != nullptr ? std::atoi(env) : fallback;
@@ -483,18 +485,19 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
       auto go = [&](auto kernel, int mt, int u) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
-        const int smem = mt <= 2 ? kGemvWarps * 2 * u * mt * 64 * 16 : 0;  // the activation rings
+        const int smem = kGemvWarps * 2 * u * mt * 64 * 16;  // the activation rings
         // Dynamic + static shared memory may pass 48 KiB, which needs the opt-in (a cheap host call).
-        if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        prefer_shared(kernel);
         kernel<<<grid, kGemvWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
                                                         cshift, chunks);
       };
       if (M <= 8) go(w4a16_gemv<T, 1, 4>, 1, 4);
-      else if (M <= 16) go(w4a16_gemv<T, 2, 3>, 2, 3);
-      else go(w4a16_gemv<T, 4, 2>, 4, 2);  // fewer slots in flight: four token tiles need the registers
+      else go(w4a16_gemv<T, 2, 3>, 2, 3);  // M > 16: 16-token tiles side by side in the grid
     } else {
       const dim3 grid((M + kTileTok - 1) / kTileTok, (N + 16 * kWarps - 1) / (16 * kWarps));
       C10_CUDA_CHECK(cudaFuncSetAttribute(w4a16_tiled<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmem));
+      prefer_shared(w4a16_tiled<T>);
       w4a16_tiled<T><<<grid, kWarps * 32, kTiledSmem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N,
                                                                 int(K), G, cshift, chunks);
     }
