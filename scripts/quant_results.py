@@ -42,6 +42,7 @@ from llmcompress.quant.quantize import quantize_model  # noqa: E402
 
 OUT = ROOT / "scripts" / "results"
 W4 = ["weights.format=int4", "weights.granularity=group", "activations.format=none"]
+OLD_GPTQ = ["gptq.refit_scales=false", "gptq.normalize_tokens=false"]  # rows measured before these options
 W8A8 = ["weights.format=int8", "weights.granularity=channel", "weights.symmetric=true", "activations.format=int8"]
 SQ_GRID = "smoothquant.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8]"
 LAYOUTS = {"g64_sym": ["weights.group_size=64", "weights.symmetric=true"],
@@ -57,10 +58,19 @@ def configurations() -> dict[str, dict]:
             c[f"rtn_{lay}_{obs}"] = {"label": f"RTN W4A16 {lay} ({obs})",
                                      "set": W4 + over + ["method=rtn", f"weights.observer={obs}"]}
         c[f"gptq_{lay}"] = {"label": f"GPTQ W4A16 {lay} (no act_order)",
-                            "set": W4 + over + ["method=gptq", "gptq.act_order=false"]}
+                            "set": W4 + over + ["method=gptq", "gptq.act_order=false"] + OLD_GPTQ}
         c[f"gptq_{lay}_actorder_mse"] = {"label": f"GPTQ W4A16 {lay} act_order, mse observer",
                                          "set": W4 + over + ["method=gptq", "gptq.act_order=true",
-                                                             "weights.observer=mse"]}
+                                                             "weights.observer=mse"] + OLD_GPTQ}
+        c[f"gptq_{lay}_refit"] = {"label": f"GPTQ W4A16 {lay} act_order + scale refit",
+                                  "set": W4 + over + ["method=gptq", "gptq.act_order=true",
+                                                      "gptq.refit_scales=true", "gptq.normalize_tokens=false"]}
+        c[f"gptq_{lay}_norm"] = {"label": f"GPTQ W4A16 {lay} act_order + token-normalized H",
+                                 "set": W4 + over + ["method=gptq", "gptq.act_order=true",
+                                                     "gptq.refit_scales=false", "gptq.normalize_tokens=true"]}
+        c[f"gptq_{lay}_refit_norm"] = {"label": f"GPTQ W4A16 {lay} act_order + token-normalized H + scale refit",
+                                       "set": W4 + over + ["method=gptq", "gptq.act_order=true",
+                                                           "gptq.refit_scales=true", "gptq.normalize_tokens=true"]}
         c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"]}
         c[f"awq_{lay}_noduo"] = {"label": f"AWQ W4A16 {lay} (s = x̄^α)",
                                  "set": W4 + over + ["method=awq", "awq.duo_scaling=false"]}
@@ -68,18 +78,18 @@ def configurations() -> dict[str, dict]:
                                 "set": W4 + over + ["method=awq", "awq.clip=true"]}
         c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",
                                 "set": W4 + over + ["method=awq", "awq.duo_scaling=false", "awq.gptq=true",
-                                                    "gptq.act_order=true", "weights.observer=mse"]}
+                                                    "gptq.act_order=true", "weights.observer=mse"] + OLD_GPTQ}
     c["w8a8_static"] = {"label": "W8A8 static per-tensor (RTN)", "set": W8A8 + ["activations.dynamic=false"]}
     c["w8a8_static_sq"] = {"label": "W8A8 static per-tensor + SmoothQuant (α searched)",
                            "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true", SQ_GRID]}
     c["w8a8_dynamic"] = {"label": "W8A8 dynamic per-token (RTN)", "set": W8A8 + ["activations.dynamic=true"]}
     c["w8a8_dynamic_gptq"] = {"label": "W8A8 dynamic per-token (GPTQ, no act_order)",
-                              "set": W8A8 + ["activations.dynamic=true", "method=gptq", "gptq.act_order=false"]}
+                              "set": W8A8 + ["activations.dynamic=true", "method=gptq", "gptq.act_order=false"] + OLD_GPTQ}
     c["w8a8_dynamic_sq"] = {"label": "W8A8 dynamic per-token + SmoothQuant (α searched)",
                             "set": W8A8 + ["activations.dynamic=true", "smoothquant.enabled=true", SQ_GRID]}
     c["w8a8_dynamic_sq_gptq"] = {"label": "W8A8 dynamic per-token + SmoothQuant + GPTQ",
                                  "set": W8A8 + ["activations.dynamic=true", "smoothquant.enabled=true", SQ_GRID,
-                                                "method=gptq", "gptq.act_order=false"]}
+                                                "method=gptq", "gptq.act_order=false"] + OLD_GPTQ}
     c["fp8_w8a8_dynamic"] = {"label": "FP8 E4M3 W8A8 dynamic per-token",
                              "set": ["weights.format=fp8", "weights.granularity=channel", "activations.format=fp8",
                                      "activations.dynamic=true"]}

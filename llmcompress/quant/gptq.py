@@ -37,18 +37,26 @@ class Hessian:
     """Streaming H = 2 X Xᵀ / n over inputs x [..., K] (float64 sum, so hundreds of batches add exactly enough).
 
     H is symmetric: for K ≥ 1024 only the blocks on and above the diagonal of a 4 × 4 block grid are multiplied
-    (10 of 16 products; a quarter less time for down_proj's K = 1536 on CPU) and the rest mirrored at the end."""
+    (10 of 16 products; a quarter less time for down_proj's K = 1536 on CPU) and the rest mirrored at the end.
+
+    normalize_tokens: each row x enters as x / ‖x‖, so every calibration token weighs the same in H whatever its
+    norm. The plain H is dominated by the few tokens whose inputs are huge (attention sinks, massive
+    activations), and GPTQ then trades everyone else's error for theirs; H's overall scale does not change
+    GPTQ's result (the dampening is relative to mean diag H)."""
 
     BLOCKED_FROM = 1024
 
-    def __init__(self, k: int, device: torch.device | str = "cpu"):
+    def __init__(self, k: int, device: torch.device | str = "cpu", normalize_tokens: bool = False):
         self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device)
         self.n = 0
+        self.normalize_tokens = normalize_tokens
         nb = 4 if k >= self.BLOCKED_FROM else 1
         self.blocks = [(i * k // nb, (i + 1) * k // nb) for i in range(nb)]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.normalize_tokens:
+            x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
         if len(self.blocks) == 1:
             self.xtx += (x.t() @ x).double()
         else:

@@ -224,7 +224,7 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
             else:
                 stages = [[g] for g in groups] if cfg.gptq.true_sequential else [groups]
                 for stage in stages:
-                    hess = _hessians(layer, lw, masks, mine, stage)
+                    hess = _hessians(layer, lw, masks, mine, stage, cfg.gptq.normalize_tokens)
                     for prod, cons in stage:
                         _gptq_group(mine, cons, hess[prod].value(), spec, new_observer, cfg, result, prefix)
         else:
@@ -359,7 +359,7 @@ def _gptq_fused(layer, lw, masks, mine, groups, spec, new_observer, cfg, result,
     n_b = len(lw.batches)
 
     def stage(prod, cons, inputs) -> None:
-        hess = Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device)
+        hess = Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device, cfg.gptq.normalize_tokens)
         for b, x in enumerate(inputs):
             hess.add(_rows(x, masks[b]))
         _gptq_group(mine, cons, hess.value(), spec, new_observer, cfg, result, prefix)
@@ -383,9 +383,10 @@ def _gptq_fused(layer, lw, masks, mine, groups, spec, new_observer, cfg, result,
     return [h[b] + down(x_d[b]) for b in range(n_b)]
 
 
-def _hessians(layer, lw, masks, mine, stage) -> dict[str, Hessian]:
+def _hessians(layer, lw, masks, mine, stage, normalize: bool = False) -> dict[str, Hessian]:
     """H of each group's shared input, from one pass of the layer that stops at the stage's last consumer."""
-    hess = {prod: Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device) for prod, cons in stage}
+    hess = {prod: Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device, normalize)
+            for prod, cons in stage}
     last = stage[-1][1][0]
 
     def make(prod, stop):
