@@ -11,7 +11,9 @@ Forward, by scheme:
   W8A8 (int8 weights, int8 activations)  ops.w8a8_linear: per-token dynamic or static per-tensor x scale
   W4A16                                  ops.w4a16_linear on a per-device packed weight (packed lazily, cached)
   W8A16, FP8 weight-only                 dequantize on the fly, then F.linear in x's dtype
-  FP8 W8A8                               x through the saturating fp8 cast (per-token or static), then as above
+  FP8 W8A8                               fp8.fp8_linear: x through the saturating fp8 cast (per-token or static),
+                                         then torch._scaled_mm on GPUs with fp8 tensor cores, else dequantize
+                                         and F.linear (fp8.py; `fp8_plan` says which path a device takes)
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch import nn
 from llmcompress.kernels import ops
 from llmcompress.kernels.reference import pack_int4, unpack_int4
 
-from .formats import FP8_MAX, SCALE_DTYPES, QuantSpec, dequantize, to_uint4, zero_to_uint4
+from . import fp8
+from .formats import SCALE_DTYPES, QuantSpec, dequantize, to_uint4, zero_to_uint4
 from .rtn import QuantizedWeight
 
 INT8_ACT_MAX = 127.0  # the kernels' symmetric per-token int8 range is ±127
@@ -142,23 +145,19 @@ class QuantLinear(nn.Module):
         if s.weight_format == "int4":
             return ops.w4a16_linear(x, self._packed_w4(x.device), self.bias)
         if s.act_format == "fp8":
-            x = fp8_fake_quant(x, self.input_scale)
+            return fp8.fp8_linear(x, self.w_q, self.w_scale, self.bias, self.input_scale)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def fp8_plan(self, dtype: torch.dtype = torch.bfloat16) -> Optional[fp8.Fp8Plan]:
+        """For FP8 W8A8: the path an input of `dtype` takes on this module's device (None for other schemes).
+        Not stored in the checkpoint: the same checkpoint takes either path depending on where it is loaded."""
+        if self.scheme.act_format != "fp8":
+            return None
+        return fp8.plan(self.w_q.device, self.in_features, self.out_features, dtype,
+                        None if self.bias is None else self.bias.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
-
-
-def fp8_fake_quant(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """x through E4M3 with a per-token (scale None) or static scale; the saturating cast clamps to ±448."""
-    xf = x.float()
-    if scale is None:
-        s = xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX
-        s = torch.where(s > 0, s, torch.ones_like(s))
-    else:
-        s = scale.float()
-    q = torch.clamp(xf / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * s).to(x.dtype)
 
 
 def _expand_rows(p: torch.Tensor, n: int) -> torch.Tensor:
