@@ -4,13 +4,7 @@ threads fighting other jobs slow down badly) and a tiny random Llama teacher for
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _shared import one_thread  # noqa: F401  (autouse: every test here runs on one torch thread)
 
 
 @pytest.fixture(scope="session")

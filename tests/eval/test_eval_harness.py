@@ -7,17 +7,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from _shared import shared_data
+from _shared import one_thread, shared_data  # noqa: F401  (one_thread: autouse, one torch thread)
 from llmcompress.eval.harness import LlmcLM, run_tasks
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI shares 2 cores between jobs; two OpenMP threads that spin-wait on a busy core run ~10x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _req(kind, args, i=0):

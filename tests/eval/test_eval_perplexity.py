@@ -9,17 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _shared import one_thread  # noqa: F401  (autouse: every test here runs on one torch thread)
 from llmcompress.data import load_text
 from llmcompress.eval.perplexity import perplexity, windows
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI shares 2 cores between jobs; two OpenMP threads that spin-wait on a busy core run ~10x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,3 @@
-import pytest
-import torch
+"""Every test of tests/quant runs on one torch thread (see _shared.one_thread)."""
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI shares 2 cores between jobs: OpenMP threads spin-waiting on a busy core run far slower than one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _shared import one_thread  # noqa: F401  (autouse: every test here runs on one torch thread)
