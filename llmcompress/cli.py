@@ -223,7 +223,20 @@ def quantize(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     execute("quantize", config, set_, input_path, output, quiet, as_json, debug)
 
 
-def _evaluate(config, set_, input_path, output, ppl, tasks, speed, baseline, limit, quiet, as_json, debug):
+PplOpt = typer.Option(False, "--ppl", help="measure perplexity (sets ppl.enabled)")
+TasksOpt = typer.Option(None, "--tasks", help="comma-separated lm-eval tasks (sets tasks.names)")
+SpeedOpt = typer.Option(False, "--speed", help="measure speed, memory and latency (sets speed.enabled)")
+BaselineOpt = typer.Option(None, "--baseline", help="model or artifact to compare with (sets baseline)")
+LimitOpt = typer.Option(None, "--limit", help="examples per task (sets tasks.limit)")
+
+
+@app.command("evaluate", epilog=_epilog("evaluate"))
+def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             input_path: Optional[Path] = _input_opt("evaluate"), output: Path = _output_opt("evaluate"),
+             ppl: bool = PplOpt, tasks: Optional[str] = TasksOpt, speed: bool = SpeedOpt,
+             baseline: Optional[str] = BaselineOpt, limit: Optional[int] = LimitOpt, quiet: bool = QuietOpt,
+             as_json: bool = JsonOpt, debug: bool = DebugOpt):
+    """Perplexity, lm-eval accuracy, speed/memory/latency; compare with a baseline; exit 1 on a missed gate."""
     def tweak(cfg):
         if ppl:
             cfg.ppl.enabled = True
@@ -242,31 +255,8 @@ def _evaluate(config, set_, input_path, output, ppl, tasks, speed, baseline, lim
     execute("evaluate", config, set_, input_path, output, quiet, as_json, debug, tweak=tweak)
 
 
-PplOpt = typer.Option(False, "--ppl", help="measure perplexity (sets ppl.enabled)")
-TasksOpt = typer.Option(None, "--tasks", help="comma-separated lm-eval tasks (sets tasks.names)")
-SpeedOpt = typer.Option(False, "--speed", help="measure speed, memory and latency (sets speed.enabled)")
-BaselineOpt = typer.Option(None, "--baseline", help="model or artifact to compare with (sets baseline)")
-LimitOpt = typer.Option(None, "--limit", help="examples per task (sets tasks.limit)")
-
-
-@app.command("evaluate", epilog=_epilog("evaluate"))
-def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-             input_path: Optional[Path] = _input_opt("evaluate"), output: Path = _output_opt("evaluate"),
-             ppl: bool = PplOpt, tasks: Optional[str] = TasksOpt, speed: bool = SpeedOpt,
-             baseline: Optional[str] = BaselineOpt, limit: Optional[int] = LimitOpt, quiet: bool = QuietOpt,
-             as_json: bool = JsonOpt, debug: bool = DebugOpt):
-    """Perplexity, lm-eval accuracy, speed/memory/latency; compare with a baseline; exit 1 on a missed gate."""
-    _evaluate(config, set_, input_path, output, ppl, tasks, speed, baseline, limit, quiet, as_json, debug)
-
-
-@app.command("eval", epilog=_epilog("evaluate"))
-def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-          input_path: Optional[Path] = _input_opt("evaluate"), output: Path = _output_opt("evaluate"),
-          ppl: bool = PplOpt, tasks: Optional[str] = TasksOpt, speed: bool = SpeedOpt,
-          baseline: Optional[str] = BaselineOpt, limit: Optional[int] = LimitOpt, quiet: bool = QuietOpt,
-          as_json: bool = JsonOpt, debug: bool = DebugOpt):
-    """Alias of `evaluate`."""
-    _evaluate(config, set_, input_path, output, ppl, tasks, speed, baseline, limit, quiet, as_json, debug)
+# `eval` is the same command under a second name (one function, so options and behaviour cannot drift apart)
+app.command("eval", epilog=_epilog("evaluate"), help="Alias of `evaluate`.")(evaluate)
 
 
 @app.command("run")
