@@ -84,6 +84,11 @@ def _plan(device: torch.device, k: int, n: int, dtype: torch.dtype, bias_dtype: 
         return Fp8Plan("reference", why_not)
     if k % ALIGN or n % ALIGN:
         return _refuse(f"K={k}, N={n}: torch._scaled_mm needs K and N multiples of {ALIGN}")
+    if dtype == torch.float32:
+        # The one H100 run of tests/algorithms/test_fp8.py (torch 2.11) had 28 CUDA failures; the ones whose
+        # names survived in the log were float32 cases. GPU inference runs bf16/fp16, so float32 takes the
+        # reference path until that run is repeated with the full log.
+        return Fp8Plan("reference", "float32 activations: the fp8 tensor-core path serves bf16/fp16")
     if dtype not in OUT_DTYPES:
         return _refuse(f"input dtype {dtype}: torch._scaled_mm writes only {', '.join(map(str, OUT_DTYPES))}")
     fuse_bias = bias_dtype is not None and bias_dtype == dtype and dtype != torch.float32
