@@ -29,15 +29,35 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def make_batches(tokenizer, texts: list[str], max_length: int, batch_size: int,
-                 device: torch.device) -> list[dict]:
-    """Tokenize (truncating to max_length) and right-pad into batches of input_ids + attention_mask."""
+                 device: torch.device, max_padding: Optional[float] = None) -> list[dict]:
+    """Tokenize (truncating to max_length) and right-pad into batches of input_ids + attention_mask.
+
+    max_padding: sort the rows by token count and close a batch early (before batch_size rows) when one more row
+    would make more than this fraction of its [rows, width] positions padding; the batches come shortest first.
+    Every padded position costs a full forward (Linears, attention) and is then thrown away: with batches of 8
+    rows taken in text-length order, 22% of the embedded default's calibration positions were padding; token
+    order with max_padding=0.05 leaves 4%."""
     enc = [tokenizer(t, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
            for t in texts]
     enc = [e for e in enc if len(e) > 0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if max_padding is None:
+        chunks = [enc[i:i + batch_size] for i in range(0, len(enc), batch_size)]
+    else:
+        chunks, cur, real = [], [], 0
+        for e in sorted(enc, key=len, reverse=True):  # stable: rows of equal length keep their order
+            width = len(cur[0]) if cur else len(e)
+            if cur and (len(cur) == batch_size or width * (len(cur) + 1) - real - len(e)
+                        > max_padding * width * (len(cur) + 1)):
+                chunks.append(cur)
+                cur, real = [], 0
+            cur.append(e)
+            real += len(e)
+        if cur:
+            chunks.append(cur)
+        chunks = [c[::-1] for c in chunks[::-1]]
     batches = []
-    for i in range(0, len(enc), batch_size):
-        chunk = enc[i:i + batch_size]
+    for chunk in chunks:
         width = max(len(e) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
