@@ -394,11 +394,32 @@ class GPTQConfig:
 @dataclass
 class AWQConfig:
     grid: int = opt(20, "number of α values searched in [0, 1) for s = x̄^α (α = 0 is scale 1)", ge=1)
-    duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α")
+    duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α (unused "
+                            "with both_scalings)")
+    both_scalings: bool = opt(True, "search the α grid of both s = x̄^α / w̄^(1−α) and s = x̄^α (embedded default "
+                              "W4 g128 sym with clip + refit: ppl 26.8 with it, 27.5 without)")
     gptq: bool = opt(False, "quantize the scaled weights with GPTQ (settings from gptq.*) instead of RTN")
-    clip: bool = opt(False, "after scaling, clip each group's weights to the max |w| that minimises its output "
-                     "error (AWQ's clip search; group granularity only)")
+    clip: bool = opt(True, "after scaling, clip each group's weights to the max |w| that minimises its output "
+                     "error (AWQ's clip search; group granularity only; g128 sym with refit: 26.8 with it, "
+                     "27.5 without)")
+    refit_scales: bool = opt(True, "after scaling and clipping, keep each row's RTN codes and re-solve its group "
+                             "scales by least squares on the unit-norm input rows' Gram matrix (as gptq."
+                             "refit_scales; min-max observer, which gives them back; g128 sym: 27.7 with it, "
+                             "29.1 without)")
+    refit_rounds: int = opt(1, "refit_scales: rounds of (round to the codes of the current scales, refit)", ge=1)
+    refit_damp: float = opt(0.01, "refit_scales: λ = refit_damp · mean(diag H) added to H's diagonal", ge=0.0)
+    unscaled_groups: bool = opt(True, "also clip / refit the Linears whose producer cannot take AWQ's scales "
+                                "(o_proj under GQA), which otherwise get plain RTN")
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
+    normalize_tokens: bool = opt(False, "score α and the clip search on unit-norm input rows, so every "
+                                 "calibration token weighs the same (as gptq.normalize_tokens; no gain measured)")
+    keep_first_tokens: bool = opt(False, "always include each calibration sequence's first token (the attention "
+                                  "sink) among the search_tokens rows")
+    loss: Literal["linear", "layer"] = opt("linear", "what α is scored on: the group's own Linear outputs, or "
+                                          "the decoder layer's output (the others in float; as AutoAWQ scores on "
+                                          "its attention / MLP block output; no gain measured, slower)")
+    loss_batches: int = opt(4, "calibration batches (spread over the length-sorted set) the layer loss runs on "
+                            "(loss: layer)", ge=1)
 
 
 @dataclass

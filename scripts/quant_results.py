@@ -43,6 +43,7 @@ from llmcompress.quant.quantize import quantize_model  # noqa: E402
 OUT = ROOT / "scripts" / "results"
 W4 = ["weights.format=int4", "weights.granularity=group", "activations.format=none"]
 OLD_GPTQ = ["gptq.refit_scales=false", "gptq.normalize_tokens=false"]  # rows measured before these options
+OLD_AWQ = ["awq.clip=false", "awq.both_scalings=false", "awq.refit_scales=false", "awq.unscaled_groups=false"]
 W8A8 = ["weights.format=int8", "weights.granularity=channel", "weights.symmetric=true", "activations.format=int8"]
 SQ_GRID = "smoothquant.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8]"
 LAYOUTS = {"g64_sym": ["weights.group_size=64", "weights.symmetric=true"],
@@ -71,14 +72,17 @@ def configurations() -> dict[str, dict]:
         c[f"gptq_{lay}_refit_norm"] = {"label": f"GPTQ W4A16 {lay} act_order + token-normalized H + scale refit",
                                        "set": W4 + over + ["method=gptq", "gptq.act_order=true",
                                                            "gptq.refit_scales=true", "gptq.normalize_tokens=true"]}
-        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"]}
+        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"] + OLD_AWQ}
         c[f"awq_{lay}_noduo"] = {"label": f"AWQ W4A16 {lay} (s = x̄^α)",
-                                 "set": W4 + over + ["method=awq", "awq.duo_scaling=false"]}
+                                 "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.duo_scaling=false"]}
         c[f"awq_{lay}_clip"] = {"label": f"AWQ W4A16 {lay} (duo scaling) + clip search",
-                                "set": W4 + over + ["method=awq", "awq.clip=true"]}
+                                "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.clip=true"]}
+        c[f"awq_{lay}_refit"] = {"label": f"AWQ W4A16 {lay} (defaults: both scalings, clip, scale refit, "
+                                          "o_proj clipped + refit)", "set": W4 + over + ["method=awq"]}
         c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",
-                                "set": W4 + over + ["method=awq", "awq.duo_scaling=false", "awq.gptq=true",
-                                                    "gptq.act_order=true", "weights.observer=mse"] + OLD_GPTQ}
+                                "set": W4 + over + ["method=awq"] + OLD_AWQ + [
+                                    "awq.duo_scaling=false", "awq.gptq=true", "gptq.act_order=true",
+                                    "weights.observer=mse"] + OLD_GPTQ}
     c["w8a8_static"] = {"label": "W8A8 static per-tensor (RTN)", "set": W8A8 + ["activations.dynamic=false"]}
     c["w8a8_static_sq"] = {"label": "W8A8 static per-tensor + SmoothQuant (α searched)",
                            "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true", SQ_GRID]}

@@ -6,6 +6,8 @@ protect the weights that meet large activations by scaling their input channels 
                                     max |W| of its group, so w̄ sees the weights as the quantizer does)
     s ← s / sqrt(max s · min s)     (keeps the scales centred on 1)
     loss(α) = ‖X Wᵀ − (X / s) Q(W · s)ᵀ‖²     over a grid α = 0, 1/grid, …, (grid−1)/grid
+                                    (normalize_tokens: over unit-norm rows x / ‖x‖, so the attention sink's
+                                    small-norm input counts as much as any other token's)
 
 The best s is folded into the op producing X (smoothquant.fold_scales), then W·s is quantized group-wise as
 usual. s = 1 (no scaling) is always a candidate, so the search never returns a worse loss than plain RTN.
@@ -13,11 +15,13 @@ usual. s = 1 (no scaling) is always a candidate, so the search never returns a w
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .smoothquant import output_error
+from .formats import QuantSpec, fake_quantize
+from .gptq import refit_row_scales
+from .observers import weight_qparams
 
 
 def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -31,46 +35,120 @@ def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     return normed.mean(dim=0)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row x / ‖x‖: every calibration token weighs the same in an output-error loss whatever its norm."""
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def sample_rows(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], limit: Optional[int], seed: int = 0,
+                keep_first: bool = True) -> torch.Tensor:
+    """rows[b]: the [n_b, K] real-token inputs of batch b (masks[b] [B, T] picked them, row-major). Returns at most
+    `limit` of them sampled evenly at random; keep_first always keeps each sequence's first token (the attention
+    sink: a few of them in a random sample otherwise, though every later token attends to it)."""
+    x = torch.cat(list(rows))
+    if not limit or x.shape[0] <= limit:
+        return x
+    first = torch.zeros(x.shape[0], dtype=torch.bool)
+    if keep_first:
+        off = 0
+        for r, m in zip(rows, masks):
+            lens = m.sum(dim=1).cpu()
+            starts = torch.cumsum(lens, 0) - lens
+            first[off + starts[lens > 0]] = True
+            off += r.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.nonzero(~first).squeeze(1)
+    rest = rest[torch.randperm(rest.numel(), generator=g)[: max(limit - int(first.sum()), 0)]]
+    keep = torch.cat([torch.nonzero(first).squeeze(1)[:limit], rest]).sort().values
+    return x[keep.to(x.device)]
+
+
 def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Callable[[torch.Tensor], torch.Tensor],
-               grid: int = 20, duo_scaling: bool = True, group_size: int = 128) -> tuple[torch.Tensor, dict]:
+               grid: int = 20, duo_scaling: Union[bool, str] = True, group_size: int = 128,
+               normalize_tokens: bool = False,
+               score: Optional[Callable[[list[torch.Tensor]], float]] = None) -> tuple[torch.Tensor, dict]:
     """Best per-channel scale s [K] for the Linears `weights` ([N_i, K]) reading calibration rows x [T, K].
 
-    fq_weight(W) is the weight quantizer (quantize-dequantize) the model will use. Returns s and a record
-    {"alpha": best α or None for s = 1, "loss": its loss, "loss_unscaled": the loss at s = 1}."""
+    fq_weight(W) is the weight quantizer (quantize-dequantize) the model will use. duo_scaling: True (x̄^α / w̄^(1−α)),
+    False (x̄^α) or "both" (every α of each family). normalize_tokens: the loss is taken over unit-norm rows
+    x / ‖x‖ (x̄ is still the plain mean |x|). score(Ŵ), given the dequantized Ŵ_i = Q(W_i·s)/s of each Linear
+    (in the unscaled coordinates), replaces that loss when given: e.g. the decoder layer's output error. Returns s
+    and a record {"alpha": best α or None for s = 1, "duo": whether the best s was a duo one, "loss": its loss, "loss_unscaled": the loss at s = 1}."""
     x = x.float()
     x_mean = x.abs().mean(dim=0)
-    w_mean = weight_mean(weights, group_size) if duo_scaling else None
+    xl = unit_rows(x) if normalize_tokens else x
+    families = [True, False] if duo_scaling == "both" else [bool(duo_scaling)]
+    w_mean = weight_mean(weights, group_size) if True in families else None
+    ws = [w.detach().float() for w in weights]
+    ref = xl @ torch.cat(ws).t() if score is None else None  # computed once for every candidate
 
     def loss(s: torch.Tensor) -> float:
-        return output_error(x, weights, [fq_weight(w.float() * s) / s for w in weights])
+        w_hat = [fq_weight(w * s) / s for w in ws]
+        if score is not None:
+            return float(score(w_hat))
+        return float((ref - xl @ torch.cat(w_hat).t()).pow(2).mean())
 
     ones = torch.ones_like(x_mean)
-    best_s, best_alpha, best_loss = ones, None, loss(ones)
+    best_s, best, best_loss = ones, (None, None), loss(ones)
     unscaled = best_loss
-    for i in range(grid):
-        alpha = i / grid
-        if duo_scaling:
-            s = x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)
-        else:
-            s = x_mean.pow(alpha)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        err = loss(s)
-        if err < best_loss:
-            best_s, best_alpha, best_loss = s, alpha, err
-    return best_s, {"alpha": best_alpha, "loss": best_loss, "loss_unscaled": unscaled}
+    for duo in families:
+        for i in range(grid):
+            alpha = i / grid
+            if duo:
+                s = x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)
+            else:
+                s = x_mean.pow(alpha)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            err = loss(s)
+            if err < best_loss:
+                best_s, best, best_loss = s, (alpha, duo), err
+    return best_s, {"alpha": best[0], "duo": best[1], "loss": best_loss, "loss_unscaled": unscaled}
+
+
+def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: dict,
+                lins: Sequence[torch.nn.Linear], n_batches: int) -> Callable[[list[torch.Tensor]], float]:
+    """A `score` for awq_search: the decoder layer's output error, mean squared over the real tokens of
+    `n_batches` calibration batches (spread over the length-sorted set; lw: the Layerwise runner holding their
+    inputs, ref: batch -> float output), with the Linears `lins` holding the candidate Ŵ and all else as it is."""
+    n_b = len(lw.batches)
+    k = min(n_batches, n_b)
+    picks = sorted({n_b * (j + 1) // k - 1 for j in range(k)})
+
+    @torch.no_grad()
+    def score(w_hat: list[torch.Tensor]) -> float:
+        saved = [lin.weight.detach().clone() for lin in lins]
+        err, n = 0.0, 0
+        try:
+            for lin, w in zip(lins, w_hat):
+                lin.weight.copy_(w.to(lin.weight.dtype))
+            for b in picks:
+                lw.current = b
+                out = layer(lw.hidden[b], **lw.kwargs[b])
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                d = (out.float() - ref[b].float())[masks[b].to(out.device)]
+                err += float(d.pow(2).sum())
+                n += d.numel()
+        finally:
+            for lin, w in zip(lins, saved):
+                lin.weight.copy_(w)
+        return err / max(n, 1)
+    return score
 
 
 @torch.no_grad()
 def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Tensor], torch.Tensor],
-                group_size: int, grid: int = 20, max_shrink: float = 0.5, rows: int = 512) -> torch.Tensor:
+                group_size: int, grid: int = 20, max_shrink: float = 0.5, rows: int = 512,
+                normalize_tokens: bool = False) -> torch.Tensor:
     # (group-wise weight quantization only: each group's clip range is its own scale's range)
     """AWQ's weight clipping: per output row and group, the max |w| (shrunk by 1, 1 − 1/grid, …, 1 − max_shrink)
-    that minimises the group's own output error ‖X_g W_gᵀ − X_g Q(clip(W_g))ᵀ‖² on `rows` calibration rows.
-    Returns the clipped weight (quantize it with the same quantizer; min-max then lands on the chosen range)."""
+    that minimises the group's own output error ‖X_g W_gᵀ − X_g Q(clip(W_g))ᵀ‖² on `rows` calibration rows
+    (normalize_tokens: rows of unit norm, as in awq_search). Returns the clipped weight (quantize it with the same quantizer; min-max then lands on the chosen range)."""
     x = x.float()
     if x.shape[0] > rows:
         x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+    if normalize_tokens:
+        x = unit_rows(x)
     w = w.float()
     out = w.clone()
     n, k = w.shape
@@ -89,4 +167,67 @@ def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Ten
             best_err = torch.where(better, err, best_err)
             best[better] = cand[better]
         out[:, g0:g0 + group_size] = best
+    return out
+
+
+@torch.no_grad()
+def refit_scales(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, new_observer, rounds: int = 1,
+                 damp: float = 0.01) -> torch.Tensor:
+    """Keep each row's RTN codes (the observer's scales) and re-solve its group scales by least squares on
+    H = XᵀX of the unit-norm rows x / ‖x‖ (gptq.refit_row_scales; damped like GPTQ's H); `rounds` > 1 re-rounds
+    W to the new scales and refits again. Returns Ŵ = s'·codes, which the min-max observer reproduces exactly
+    (the extreme codes stay at the ends of the grid); a group for which it would not keeps its input weights."""
+    if spec.granularity not in ("channel", "group") or spec.is_float:
+        return w
+    W = w.detach().float()
+    xn = unit_rows(x.float()).to(W.device)
+    H = 2.0 * xn.t() @ xn / xn.shape[0]
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+    scale, zero = weight_qparams(W, spec, new_observer(spec))
+    W_hat = fake_quantize(W, scale, zero, spec)
+    for r in range(rounds):
+        if r:
+            W_hat = fake_quantize(W, scale, zero, spec)  # the codes of the refit scales
+        W_hat, scale = refit_row_scales(W, W_hat, scale, H, spec)
+    W_out = _pin_range(W_hat, scale, spec, new_observer) if spec.symmetric else W_hat
+    again = fake_quantize(W_out, *weight_qparams(W_out, spec, new_observer(spec)), spec)
+    ok = (again - W_hat).abs() <= 1e-5 * W_hat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    k = W.shape[1]
+    gs = spec.group_size if spec.granularity == "group" else k
+    for g0 in range(0, k, gs):  # a group min-max would not give back keeps its own weights (plain RTN there)
+        bad = ~ok[:, g0:g0 + gs].all(dim=1)
+        W_out[bad, g0:g0 + gs] = W[bad, g0:g0 + gs]
+    return W_out
+
+
+def _pin_range(W_hat: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, new_observer) -> torch.Tensor:
+    """Symmetric grids: min-max sets scale = max|w| / h, h = (qmax − qmin) / 2 (7.5 for int4), so Ŵ = s'·codes
+    would come back with another scale (its max |code| is 8 or 7). Per row and group, the elements of code qmin
+    (else qmax, else −qmax) move to ±h·s'·f, f within a few ulps of 1, tried in turn until min-max gives back
+    s' and every code of the group (qmin and qmax round outward and clamp back; −qmax relies on the tie)."""
+    n, k = W_hat.shape
+    s2 = scale.reshape(n, -1)
+    gs = spec.group_size if spec.granularity == "group" else k
+    h = (spec.qmax - spec.qmin) / 2
+    bounds = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
+    s_full = torch.cat([s2[:, g:g + 1].expand(n, b1 - b0) for g, (b0, b1) in enumerate(bounds)], dim=1)
+    codes = torch.round(W_hat / s_full)
+    top = torch.zeros_like(codes, dtype=torch.bool)
+    for b0, b1 in bounds:  # the codes qmin if any, else qmax (both round outward), else −qmax (left to the tie)
+        c = codes[:, b0:b1]
+        lo, hi = c == spec.qmin, c == spec.qmax
+        top[:, b0:b1] = torch.where(lo.any(1, keepdim=True), lo,
+                                    torch.where(hi.any(1, keepdim=True), hi, c == -spec.qmax))
+    out = W_hat.clone()
+    done = torch.zeros(n, len(bounds), dtype=torch.bool, device=W_hat.device)
+    for f in (1 + 1e-6, 1 - 1e-6, 1 + 3e-7, 1 - 3e-7, 1 + 1e-7, 1 - 1e-7, 1.0, 1 + 3e-6, 1 - 3e-6):
+        cand = torch.where(top, torch.sign(W_hat) * h * s_full * f, W_hat)
+        back = fake_quantize(cand, *weight_qparams(cand, spec, new_observer(spec)), spec)
+        ok_el = (back - W_hat).abs() <= 1e-6 * s_full
+        for g, (b0, b1) in enumerate(bounds):
+            ok = ok_el[:, b0:b1].all(dim=1) & ~done[:, g]
+            out[ok, b0:b1] = cand[ok, b0:b1]
+            done[:, g] |= ok
+        if done.all():
+            break
     return out

@@ -207,20 +207,31 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
             row["awq_alpha"] = {}
             for prod, cons in groups:
                 producer = layer.get_submodule(prod)
-                if isinstance(producer, nn.Linear) and producer.out_features != mine[cons[0]].in_features:
-                    continue
+                foldable = not (isinstance(producer, nn.Linear)
+                                and producer.out_features != mine[cons[0]].in_features)
+                if not foldable and not cfg.awq.unscaled_groups:
+                    continue  # o_proj under GQA: one v channel feeds several heads' o columns
                 ws = [mine[c].weight for c in cons]
-                s, rec = awq_.awq_search(inputs.get(prod), ws, _weight_fake_quant(spec, new_observer),
-                                         cfg.awq.grid, cfg.awq.duo_scaling, spec.group_size)
-                sq.fold_scales(producer, [mine[c] for c in cons], s)
-                row["awq_alpha"][prod] = rec["alpha"]
-                if cfg.awq.clip and spec.granularity == "group":
-                    x = inputs.get(prod) / s.to(producer.weight.device)  # the consumers now read X / s
-                    for c in cons:
-                        if c.endswith(("q_proj", "k_proj")):
-                            continue  # AutoAWQ leaves q/k unclipped: attention logits amplify their error
-                        mine[c].weight.copy_(awq_.clip_search(x, mine[c].weight, _weight_fake_quant(
-                            spec, new_observer), spec.group_size).to(mine[c].weight.dtype))
+                x = awq_.sample_rows(inputs.rows[prod], masks, inputs.limit, keep_first=cfg.awq.keep_first_tokens)
+                if foldable:
+                    s, rec = awq_.awq_search(x, ws, _weight_fake_quant(spec, new_observer), cfg.awq.grid,
+                                             "both" if cfg.awq.both_scalings else cfg.awq.duo_scaling,
+                                             spec.group_size, cfg.awq.normalize_tokens,
+                                             score=awq_.layer_score(layer, lw, masks, ref, [mine[c] for c in cons],
+                                                                    cfg.awq.loss_batches)
+                                             if cfg.awq.loss == "layer" else None)
+                    sq.fold_scales(producer, [mine[c] for c in cons], s)
+                    row["awq_alpha"][prod] = rec["alpha"]
+                    x = x / s.to(x.device)  # the consumers now read X / s
+                for c in cons:
+                    w = mine[c].weight
+                    if cfg.awq.clip and spec.granularity == "group" and not c.endswith(("q_proj", "k_proj")):
+                        # AutoAWQ leaves q/k unclipped: attention logits amplify their error
+                        w.copy_(awq_.clip_search(x, w, _weight_fake_quant(spec, new_observer), spec.group_size,
+                                                 normalize_tokens=cfg.awq.normalize_tokens).to(w.dtype))
+                    if cfg.awq.refit_scales:
+                        w.copy_(awq_.refit_scales(x, w, spec, new_observer, cfg.awq.refit_rounds,
+                                                  cfg.awq.refit_damp).to(w.dtype))
         del inputs
 
         # 3. weights: GPTQ (stacked per group: rows are independent given H) or RTN; Ŵ goes in for the final pass

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from llmcompress.quant import smoothquant as sq
-from llmcompress.quant.awq import awq_search, weight_mean
+from llmcompress.quant.awq import awq_search, refit_scales, sample_rows, unit_rows, weight_mean
 from llmcompress.quant.formats import QuantSpec, fake_quantize
 from llmcompress.quant.observers import make_observer, weight_qparams
 
@@ -24,17 +24,19 @@ def _activations(t, k, seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("duo", [True, False])
+@pytest.mark.parametrize("duo", [True, False, "both"])
 def test_awq_search_never_worse_than_scale_one(seed, duo):
     k = 200  # ragged: 3 groups of 64 and one of 8
     spec = QuantSpec("int4", seed % 2 == 0, "group", 64)
     x = _activations(256, k, seed)
     g = torch.Generator().manual_seed(100 + seed)
     ws = [torch.randn(48, k, generator=g), torch.randn(16, k, generator=g) * 0.1]
-    s, rec = awq_search(x, ws, _fq(spec), grid=10, duo_scaling=duo, group_size=64)
+    norm = duo == "both" and seed % 3 == 0  # token-normalized loss: scored on unit-norm rows
+    s, rec = awq_search(x, ws, _fq(spec), grid=10, duo_scaling=duo, group_size=64, normalize_tokens=norm)
     assert rec["loss"] <= rec["loss_unscaled"]
     # the returned loss is the real loss of the returned scales
-    again = sq.output_error(x, ws, [_fq(spec)(w * s) / s for w in ws])
+    xl = unit_rows(x) if norm else x
+    again = sq.output_error(xl, ws, [_fq(spec)(w * s) / s for w in ws])
     assert again == pytest.approx(rec["loss"], rel=1e-5)
     if rec["alpha"] is None:
         assert torch.equal(s, torch.ones(k))
@@ -108,3 +110,29 @@ def test_awq_clip_search_never_worse_per_group():
         xs, ws, cs = x[:, g0:g0 + 64], w[:, g0:g0 + 64], c[:, g0:g0 + 64]
         err = lambda v: (xs @ ws.t() - xs @ _fq(spec)(v).t()).pow(2).mean(0)  # noqa: E731
         assert (err(cs) <= err(ws) + 1e-5).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_refit_scales_lower_the_error_and_survive_min_max_rtn(symmetric):
+    """refit_scales returns weights that the min-max RTN of the final pass turns into the refit Ŵ: its
+    unit-norm-row output error is below plain RTN's (asymmetric: r is that Ŵ already, so RTN keeps it)."""
+    spec = QuantSpec("int4", symmetric, "group", 64)
+    obs = lambda sp: make_observer("minmax", sp)  # noqa: E731
+    g = torch.Generator().manual_seed(7)
+    x = _activations(512, 200, 7)
+    w = torch.randn(48, 200, generator=g)
+    r = refit_scales(x, w, spec, obs)
+    q = _fq(spec)(r)
+    xn = unit_rows(x)
+    err = lambda v: float((xn @ (w - v).t()).pow(2).mean())  # noqa: E731
+    assert err(q) < 0.95 * err(_fq(spec)(w))
+    if not symmetric:
+        torch.testing.assert_close(q, r)
+
+
+def test_awq_sample_rows_keeps_every_sequence_start():
+    masks = [torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 0, 0, 0]])]
+    rows = [torch.arange(9.0)[:, None], 100 + torch.arange(2.0)[:, None]]  # starts: rows 0, 4 and 100
+    x = sample_rows(rows, masks, 4, keep_first=True)
+    assert x.shape == (4, 1) and {0.0, 4.0, 100.0} <= set(x[:, 0].tolist())
+    assert sample_rows(rows, masks, 20).shape == (11, 1)
