@@ -16,6 +16,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 #include "../checks.h"
 #include "common.cuh"
@@ -103,24 +106,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     acc[mt][2] += s1 * part[mt][2], acc[mt][3] += s1 * part[mt][3];
   }
 
-  __shared__ float red[kWarps][MT * 4][32];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
-    const int l = i & 31, e = i >> 5;
-    float v = 0.f;
-#pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][e][l];
-    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
-    const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
-    if (row < N && tok < M) {
-      if (bias != nullptr) v += to_float(bias[row]);
-      out[(int64_t)tok * N + row] = from_float<T>(v);
-    }
-  }
+  reduce_warps_store<kWarps, MT>(acc, nt, m0, M, N, [&](int row, int tok, float v) {
+    if (bias != nullptr) v += to_float(bias[row]);
+    out[(int64_t)tok * N + row] = from_float<T>(v);
+  });
 }
 
 // Rows [n0, n0 + rows) of the weight, dequantized into w [rows, K]; one thread per packed word. A word is one
@@ -315,115 +304,125 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
   }
   cp_async_wait<0>();
 
-  __shared__ float red[W][MT * 4][32];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
-    const int l = i & 31, e = i >> 5;
-    float v = 0.f;
-#pragma unroll
-    for (int wi = 0; wi < W; ++wi) v += red[wi][e][l];
-    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
-    const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
-    if (row < N && tok < M) {
-      if (bias != nullptr) v += to_float(bias[row]);
-      out[(int64_t)tok * N + row] = from_float<T>(v);
-    }
-  }
+  reduce_warps_store<W, MT>(acc, nt, m0, M, N, [&](int row, int tok, float v) {
+    if (bias != nullptr) v += to_float(bias[row]);
+    out[(int64_t)tok * N + row] = from_float<T>(v);
+  });
 }
 
-// Mid-size M (prefill of short prompts, batched decode): a block computes 32 tokens x 128 output features,
-// one 16-feature tile per warp, all warps walking the same K chunks. Each pipeline stage holds one chunk:
-// the block's activations (32 tokens x 64 k, XOR-swizzled so ldmatrix reads hit 8 distinct bank groups,
+// Mid-size M (prefill of short prompts, batched decode): a block computes TOK tokens x 128 NW output features,
+// NW 16-feature tiles per warp, all warps walking the same K chunks. Each pipeline stage holds one chunk:
+// the block's activations (TOK tokens x 64 k, XOR-swizzled so ldmatrix reads hit 8 distinct bank groups,
 // reused by all 8 warps), every warp's weight words, scales and zero-point bytes, all copied by cp.async
-// kStages - 1 chunks ahead, so no register waits on memory. The group scale multiplies the dequantized
+// S - 1 chunks ahead, so no register waits on memory. The group scale multiplies the dequantized
 // weight in the activation dtype (one rounding, as a bf16 copy of the weight would have), which keeps one
 // fp32 accumulator set. Token blocks vary fastest in the grid, so the blocks that read the same weights run
 // together and share them through L2.
-constexpr int kTileTok = 32;
-constexpr int kStages = 7;
-
+template <int TOK, int NW>
 struct TiledStage {
-  uint4 x[kTileTok * 8];   // [token][8 units of 16 bytes], unit ^ (token % 8)
-  uint4 w[kWarps][32];     // each warp's 512 bytes of codes
-  float s[kWarps][16];     // scale of each of the warp's 16 rows
-  uint32_t z[kWarps][16];  // the aligned 4-byte word holding each row's zero point
+  uint4 x[TOK * 8];             // [token][8 units of 16 bytes], unit ^ (token % 8)
+  uint4 w[kWarps * NW][32];     // each 16-feature tile's 512 bytes of codes
+  float s[kWarps * NW][16];     // scale of each of the tile's 16 rows
+  uint32_t z[kWarps * NW][16];  // the aligned 4-byte word holding each row's zero point
 };
-constexpr int kTiledSmem = kStages * int(sizeof(TiledStage));
+template <int TOK, int NW, int S>
+constexpr int tiled_smem() { return S * int(sizeof(TiledStage<TOK, NW>)); }
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
 }
 
-template <typename T>
+// TOK tokens x (128 * NW) features per block of 8 warps; warp w owns the NW 16-feature tiles
+// blockIdx.y * 8 * NW + w * NW + j, so one ldmatrix'd activation fragment feeds NW mma (fewer shared-memory
+// reads per mma as NW grows) and a larger TOK re-reads each weight tile from L2 fewer times.
+template <typename T, int TOK, int NW, int S>
 __global__ void __launch_bounds__(kWarps * 32)
     w4a16_tiled(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                 const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
                 int G, int cshift, int chunks) {
-  constexpr int MT = kTileTok / 8;
-  extern __shared__ __align__(128) uint4 tiled_smem[];
-  TiledStage* st = reinterpret_cast<TiledStage*>(tiled_smem);
+  constexpr int MT = TOK / 8;
+  using Stage = TiledStage<TOK, NW>;
+  static_assert(TOK * 8 % (kWarps * 32) == 0, "whole activation units per thread");
+  extern __shared__ __align__(128) uint4 tiled_smem_raw[];
+  Stage* st = reinterpret_cast<Stage*>(tiled_smem_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * kTileTok;
+  const int m0 = blockIdx.x * TOK;
   const int tiles = (N + 15) / 16;
-  const int nt = min(blockIdx.y * kWarps + warp, tiles - 1);  // a warp past N recomputes the last tile, unstored
-  const bool store = blockIdx.y * kWarps + warp < tiles;
-  const int row0 = nt * 16 + g, row1 = row0 + 8;
-
-  // Copy duties. Activations: thread i copies 16 bytes of token row i / 8, unit i % 8. Weights: each lane
-  // its own 16 bytes. Lanes 0-15: the scale of row nt * 16 + lane; lanes 16-31: its zero-point word.
-  const int lr = threadIdx.x >> 3, lu = threadIdx.x & 7;
-  const bool lvalid = m0 + lr < M;
-  const T* lsrc = x + (int64_t)(lvalid ? m0 + lr : 0) * K + lu * 8;
-  const int ldst = lr * 8 + (lu ^ (lr & 7));
-  const uint4* wp = qw + (int64_t)nt * chunks * 32 + lane;
-  const int crow = min(nt * 16 + (lane & 15), N - 1);
-  const float* srow = scales + (int64_t)crow * G;
-  const uint8_t* zrow = zeros != nullptr ? zeros + (int64_t)crow * G : nullptr;
+  int nt[NW], zb0[NW], zb1[NW];
+  bool store[NW];
+  const uint4* wp[NW];
+  const float* srow[NW];
+  const uint8_t* zrow[NW];
+#pragma unroll
+  for (int j = 0; j < NW; ++j) {
+    const int want = (blockIdx.y * kWarps + warp) * NW + j;
+    nt[j] = min(want, tiles - 1);  // a tile past N recomputes the last one, unstored
+    store[j] = want < tiles;
+    wp[j] = qw + (int64_t)nt[j] * chunks * 32 + lane;
+    // Lanes 0-15 copy the scale of row nt * 16 + lane; lanes 16-31 its zero-point word.
+    const int crow = min(nt[j] * 16 + (lane & 15), N - 1);
+    srow[j] = scales + (int64_t)crow * G;
+    zrow[j] = zeros != nullptr ? zeros + (int64_t)crow * G : nullptr;
+    // byte position of this lane's rows' zero points inside their aligned words (rows g and g + 8)
+    zb0[j] = int(((int64_t)min(nt[j] * 16 + g, N - 1) * G) & 3);
+    zb1[j] = int(((int64_t)min(nt[j] * 16 + g + 8, N - 1) * G) & 3);
+  }
   auto stage = [&](int c) {
     if (c < chunks) {
-      TiledStage& sg = st[c % kStages];
+      Stage& sg = st[c % S];
       const int gi = c >> cshift;
-      cp_async16(&sg.x[ldst], lsrc + (int64_t)c * 64, lvalid);
-      cp_async16(&sg.w[warp][lane], wp + (int64_t)c * 32, true);
-      if (lane < 16) cp_async4(&sg.s[warp][lane], srow + gi, true);
-      else if (zrow != nullptr)
-        cp_async4(&sg.z[warp][lane - 16], reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(zrow + gi) & ~uintptr_t(3)), true);
+#pragma unroll
+      for (int u = 0; u < TOK * 8 / (kWarps * 32); ++u) {  // activations: unit i % 8 of token row i / 8
+        const int i = threadIdx.x + u * kWarps * 32, lr = i >> 3, lu = i & 7;
+        const bool valid = m0 + lr < M;
+        cp_async16(&sg.x[lr * 8 + (lu ^ (lr & 7))], x + (int64_t)(valid ? m0 + lr : 0) * K + (int64_t)c * 64 + lu * 8,
+                   valid);
+      }
+#pragma unroll
+      for (int j = 0; j < NW; ++j) {
+        const int tl = warp * NW + j;
+        cp_async16(&sg.w[tl][lane], wp[j] + (int64_t)c * 32, true);
+        if (lane < 16) cp_async4(&sg.s[tl][lane], srow[j] + gi, true);
+        else if (zrow[j] != nullptr)
+          cp_async4(&sg.z[tl][lane - 16],
+                    reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(zrow[j] + gi) & ~uintptr_t(3)), true);
+      }
     }
     cp_async_commit();  // an empty group keeps the wait counts uniform
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) stage(s);
+  for (int s = 0; s < S - 1; ++s) stage(s);
 
-  // Byte position of this lane's rows' zero points inside their aligned words, per group parity mod 4.
-  const int64_t zb0 = (int64_t)min(row0, N - 1) * G, zb1 = (int64_t)min(row1, N - 1) * G;
-  float acc[MT][4];
+  float acc[NW][MT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int j = 0; j < NW; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][mt][e] = 0.f;
 
   for (int c = 0; c < chunks; ++c) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();         // chunk c is visible to all; everyone is done with chunk c - 1's stage
-    stage(c + kStages - 1);  // refill that stage
-    const TiledStage& sg = st[c % kStages];
+    cp_async_wait<S - 2>();
+    __syncthreads();   // chunk c is visible to all; everyone is done with chunk c - 1's stage
+    stage(c + S - 1);  // refill that stage
+    const Stage& sg = st[c % S];
     const int gi = c >> cshift;
-    Slot<T> sl;
-    sl.q = sg.w[warp][lane];
-    sl.s0 = sg.s[warp][g], sl.s1 = sg.s[warp][g + 8];
-    sl.z0 = zeros != nullptr ? (sg.z[warp][g] >> (8 * int((zb0 + gi) & 3))) & 0xFFu : 8u;
-    sl.z1 = zeros != nullptr ? (sg.z[warp][g + 8] >> (8 * int((zb1 + gi) & 3))) & 0xFFu : 8u;
-    uint32_t a[4][4];
-    const uint32_t sc0 = Mma<T>::pair(sl.s0, sl.s0), sc1 = Mma<T>::pair(sl.s1, sl.s1);
+    uint32_t a[NW][4][4];
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      sl.codes(s, a[s]);
+    for (int j = 0; j < NW; ++j) {
+      const int tl = warp * NW + j;
+      Slot<T> sl;
+      sl.q = sg.w[tl][lane];
+      sl.s0 = sg.s[tl][g], sl.s1 = sg.s[tl][g + 8];
+      sl.z0 = zeros != nullptr ? (sg.z[tl][g] >> (8 * ((zb0[j] + gi) & 3))) & 0xFFu : 8u;
+      sl.z1 = zeros != nullptr ? (sg.z[tl][g + 8] >> (8 * ((zb1[j] + gi) & 3))) & 0xFFu : 8u;
+      const uint32_t sc0 = Mma<T>::pair(sl.s0, sl.s0), sc1 = Mma<T>::pair(sl.s1, sl.s1);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) a[s][r] = Mma<T>::mul(a[s][r], (r & 1) ? sc1 : sc0);
+      for (int s = 0; s < 4; ++s) {
+        sl.codes(s, a[j][s]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[j][s][r] = Mma<T>::mul(a[j][s][r], (r & 1) ? sc1 : sc0);
+      }
     }
 #pragma unroll
     for (int s2 = 0; s2 < 2; ++s2) {  // two k-steps per ldmatrix.x4
@@ -432,31 +431,48 @@ __global__ void __launch_bounds__(kWarps * 32)
         const int row = mt * 8 + (lane & 7);
         uint32_t b[4];
         ldmatrix_x4(b, &sg.x[row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7))]);
-        Mma<T>::mma(acc[mt], a[2 * s2], b[0], b[1]);
-        Mma<T>::mma(acc[mt], a[2 * s2 + 1], b[2], b[3]);
+#pragma unroll
+        for (int j = 0; j < NW; ++j) {
+          Mma<T>::mma(acc[j][mt], a[j][2 * s2], b[0], b[1]);
+          Mma<T>::mma(acc[j][mt], a[j][2 * s2 + 1], b[2], b[3]);
+        }
       }
     }
   }
   cp_async_wait<0>();
 
-  if (!store) return;
-  const float b0 = bias != nullptr && row0 < N ? to_float(bias[row0]) : 0.f;
-  const float b1 = bias != nullptr && row1 < N ? to_float(bias[row1]) : 0.f;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int j = 0; j < NW; ++j) {
+    if (!store[j]) continue;
+    const int row0 = nt[j] * 16 + g, row1 = row0 + 8;
+    const float b0 = bias != nullptr && row0 < N ? to_float(bias[row0]) : 0.f;
+    const float b1 = bias != nullptr && row1 < N ? to_float(bias[row1]) : 0.f;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = e >= 2 ? row1 : row0;
-      const int tok = m0 + mt * 8 + 2 * t + (e & 1);
-      if (row < N && tok < M) out[(int64_t)tok * N + row] = from_float<T>(acc[mt][e] + (e >= 2 ? b1 : b0));
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e >= 2 ? row1 : row0;
+        const int tok = m0 + mt * 8 + 2 * t + (e & 1);
+        if (row < N && tok < M) out[(int64_t)tok * N + row] = from_float<T>(acc[j][mt][e] + (e >= 2 ? b1 : b0));
+      }
+  }
 }
 
-// Ask for the largest shared-memory carveout: without it the driver may size L1/shared for fewer resident
-// blocks than registers allow (several blocks per SM is what hides these kernels' memory latency).
-template <typename K>
-void prefer_shared(K kernel) {
+// Per kernel and device, once: allow `smem` bytes of dynamic shared memory (past 48 KiB needs the opt-in)
+// and ask for the largest shared-memory carveout (without it the driver may size L1/shared for fewer
+// resident blocks than registers allow; several blocks per SM is what hides these kernels' memory latency).
+template <typename Kernel>
+void launch_attrs_once(Kernel kernel, int smem) {
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int>> done;  // (kernel, device, smem)
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  done.insert(key);
 }
 
 int env_int(const char* name, int fallback) {
@@ -486,20 +502,31 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       auto go = [&](auto kernel, int mt, int u) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
         const int smem = kGemvWarps * 2 * u * mt * 64 * 16;  // the activation rings
-        // Dynamic + static shared memory may pass 48 KiB, which needs the opt-in (a cheap host call).
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        prefer_shared(kernel);
+        launch_attrs_once(kernel, smem);
         kernel<<<grid, kGemvWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
                                                         cshift, chunks);
       };
       if (M <= 8) go(w4a16_gemv<T, 1, 4>, 1, 4);
       else go(w4a16_gemv<T, 2, 3>, 2, 3);  // M > 16: 16-token tiles side by side in the grid
     } else {
-      const dim3 grid((M + kTileTok - 1) / kTileTok, (N + 16 * kWarps - 1) / (16 * kWarps));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(w4a16_tiled<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmem));
-      prefer_shared(w4a16_tiled<T>);
-      w4a16_tiled<T><<<grid, kWarps * 32, kTiledSmem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N,
-                                                                int(K), G, cshift, chunks);
+      // Tile shape by M (LLMC_W4_TILED overrides it for sweeps; 0: 32 tokens x 128 features, 1: 64 x 128,
+      // 2: 32 x 256, 3: 64 x 256, 4: 32 x 128 with 4 stages). Measured on H100 at 8192 x 8192
+      // (scripts/results/h100_tiles): 32 x 128 is best to M = 64; 64 x 128 past it (M = 128: 88.6 vs 98.5 us,
+      // M = 256: 133.5 vs 193.7 us), as each weight chunk is dequantized and read from L2 half as often. The
+      // 256-feature tiles leave SMs idle (64 blocks at M = 128) and run at no better a rate per SM.
+      auto go = [&](auto kernel, int tok, int nw, int smem) {
+        const dim3 grid((M + tok - 1) / tok, (N + 16 * kWarps * nw - 1) / (16 * kWarps * nw));
+        launch_attrs_once(kernel, smem);
+        kernel<<<grid, kWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
+                                                    cshift, chunks);
+      };
+      switch (env_int("LLMC_W4_TILED", M > 64 ? 1 : 0)) {
+        case 1: go(w4a16_tiled<T, 64, 1, 7>, 64, 1, tiled_smem<64, 1, 7>()); break;
+        case 2: go(w4a16_tiled<T, 32, 2, 6>, 32, 2, tiled_smem<32, 2, 6>()); break;
+        case 3: go(w4a16_tiled<T, 64, 2, 5>, 64, 2, tiled_smem<64, 2, 5>()); break;
+        case 4: go(w4a16_tiled<T, 32, 1, 4>, 32, 1, tiled_smem<32, 1, 4>()); break;
+        default: go(w4a16_tiled<T, 32, 1, 7>, 32, 1, tiled_smem<32, 1, 7>());
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;

@@ -8,6 +8,7 @@
 // Prefill shapes: the CUTLASS sm90 wgmma GEMM with the epilogue fused (w8a8_sm90.cuh) where built, else
 // cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product and a separate epilogue kernel.
 #include <c10/cuda/CUDAException.h>
+#include <cstdlib>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -32,8 +33,11 @@ __device__ __forceinline__ uint4 load16(const int8_t* p, int row, int rows, int6
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-template <typename TO, int MT>
-__global__ void __launch_bounds__(kWarps * 32)
+// kAligned (K % 64 == 0, 16-byte aligned rows, K < 2^30) is the decode fast path: 32-bit indexing, rows
+// clamped instead of bounds-checked per load, and few enough registers for four blocks per SM (one wave at
+// N = 8192). Otherwise every 16-byte load checks its row and columns (ragged K, any alignment).
+template <typename TO, int MT, bool kAligned>
+__global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
     w8a8_decode(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
                 const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
                 int64_t K) {
@@ -42,66 +46,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = nt * 16 + g, row1 = row0 + 8;
   const bool vec = (K & 15) == 0;
-  const int64_t chunks = (K + 63) / 64;
-  int acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
-
-  for (int64_t c0 = warp; c0 < chunks; c0 += kWarps * U) {
-    uint4 wa[U], wb[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = (c0 + u * kWarps) * 64 + 16 * t;
-      wa[u] = load16<true>(w, row0, N, k, K, vec);
-      wb[u] = load16<true>(w, row1, N, k, K, vec);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = (c0 + u * kWarps) * 64 + 16 * t;
-      const uint32_t a_lo[4] = {wa[u].x, wb[u].x, wa[u].y, wb[u].y};
-      const uint32_t a_hi[4] = {wa[u].z, wb[u].z, wa[u].w, wb[u].w};
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint4 b = load16<false>(x, m0 + mt * 8 + g, M, k, K, vec);
-        mma_s8(acc[mt], a_lo, b.x, b.y);
-        mma_s8(acc[mt], a_hi, b.z, b.w);
-      }
-    }
-  }
-
-  __shared__ int red[kWarps][MT * 4][32];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
-    const int l = i & 31, e = i >> 5;
-    int v = 0;
-#pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][e][l];
-    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
-    const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
-    if (row < N && tok < M) {
-      float y = float(v) * xs[tok] * ws[row];
-      if (bias != nullptr) y += bias[row];
-      out[(int64_t)tok * N + row] = from_float<TO>(y);
-    }
-  }
-}
-
-// The decode fast path (K % 64 == 0, 16-byte aligned rows): the old kernel's chunk order (the block's warps
-// read neighbouring 64-column chunks, so each row is read in 512-byte runs) with 32-bit indexing and no
-// per-load bounds checks, and few enough registers for four blocks per SM (one wave at N = 8192).
-template <typename TO, int MT>
-__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 3)
-    w8a8_gemv(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
-              const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N, int K) {
-  constexpr int U = 4;
-  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row0 = nt * 16 + g, row1 = row0 + 8;
-  const int chunks = K / 64;
+  const int chunks = int((K + 63) / 64);
+  // aligned path: this lane's 16-byte column of rows g, g + 8 and of its tokens, chunk c at + 4 c
   const uint4* w0 = reinterpret_cast<const uint4*>(w + (int64_t)min(row0, N - 1) * K) + t;
   const uint4* w1 = reinterpret_cast<const uint4*>(w + (int64_t)min(row1, N - 1) * K) + t;
   const uint4* xr[MT];
@@ -121,43 +67,99 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 4 : 3)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kWarps;
-      wa[u] = c < chunks ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
-      wb[u] = c < chunks ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
+      if constexpr (kAligned) {
+        wa[u] = c < chunks ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
+        wb[u] = c < chunks ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
+      } else {
+        const int64_t k = (int64_t)c * 64 + 16 * t;
+        wa[u] = load16<true>(w, row0, N, k, K, vec);
+        wb[u] = load16<true>(w, row1, N, k, K, vec);
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kWarps;
-      if (c >= chunks) break;
+      if (kAligned && c >= chunks) break;  // (the general path's loads gave zeros there)
       const uint32_t a_lo[4] = {wa[u].x, wb[u].x, wa[u].y, wb[u].y};
       const uint32_t a_hi[4] = {wa[u].z, wb[u].z, wa[u].w, wb[u].w};
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const uint4 b = xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
+        uint4 b;
+        if constexpr (kAligned) b = xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
+        else b = load16<false>(x, m0 + mt * 8 + g, M, (int64_t)c * 64 + 16 * t, K, vec);
         mma_s8(acc[mt], a_lo, b.x, b.y);
         mma_s8(acc[mt], a_hi, b.z, b.w);
       }
     }
   }
 
-  __shared__ int red[kWarps][MT * 4][32];
+  reduce_warps_store<kWarps, MT>(acc, nt, m0, M, N, [&](int row, int tok, int v) {
+    float y = float(v) * xs[tok] * ws[row];
+    if (bias != nullptr) y += bias[row];
+    out[(int64_t)tok * N + row] = from_float<TO>(y);
+  });
+}
+
+// Decode fast path with two register banks (candidate; LLMC_W8_DECODE selects it for the benchmark sweep):
+// the next U chunks' loads are issued before the current U chunks are multiplied, so a warp always has
+// loads in flight (the single-bank loop leaves the memory pipe idle while its mma wait on the bank).
+template <typename TO, int MT, int U, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
+    w8a8_gemv2(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
+               const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
+               int64_t K) {
+  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int chunks = int(K / 64);
+  const uint4* w0 = reinterpret_cast<const uint4*>(w + (int64_t)min(nt * 16 + g, N - 1) * K) + t;
+  const uint4* w1 = reinterpret_cast<const uint4*>(w + (int64_t)min(nt * 16 + g + 8, N - 1) * K) + t;
+  const uint4* xr[MT];
+  bool xv[MT];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
-    const int l = i & 31, e = i >> 5;
-    int v = 0;
-#pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) v += red[wi][e][l];
-    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
-    const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
-    if (row < N && tok < M) {
-      float y = float(v) * xs[tok] * ws[row];
-      if (bias != nullptr) y += bias[row];
-      out[(int64_t)tok * N + row] = from_float<TO>(y);
-    }
+  for (int mt = 0; mt < MT; ++mt) {
+    const int tok = m0 + mt * 8 + g;
+    xv[mt] = tok < M;
+    xr[mt] = reinterpret_cast<const uint4*>(x + (int64_t)(xv[mt] ? tok : 0) * K) + t;
   }
+  int acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+  auto load = [&](uint4* a, uint4* b, int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * kWarps;
+      a[u] = c < chunks ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
+      b[u] = c < chunks ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto compute = [&](const uint4* a, const uint4* b, int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * kWarps;
+      if (c >= chunks) break;
+      const uint32_t a_lo[4] = {a[u].x, b[u].x, a[u].y, b[u].y};
+      const uint32_t a_hi[4] = {a[u].z, b[u].z, a[u].w, b[u].w};
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 xb = xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
+        mma_s8(acc[mt], a_lo, xb.x, xb.y);
+        mma_s8(acc[mt], a_hi, xb.z, xb.w);
+      }
+    }
+  };
+  uint4 wa[U], wb[U], na[U], nb[U];
+  load(wa, wb, warp);
+  for (int c0 = warp; c0 < chunks; c0 += 2 * kWarps * U) {
+    load(na, nb, c0 + kWarps * U);
+    compute(wa, wb, c0);
+    load(wa, wb, c0 + 2 * kWarps * U);
+    compute(na, nb, c0 + kWarps * U);
+  }
+  reduce_warps_store<kWarps, MT>(acc, nt, m0, M, N, [&](int row, int tok, int v) {
+    float y = float(v) * xs[tok] * ws[row];
+    if (bias != nullptr) y += bias[row];
+    out[(int64_t)tok * N + row] = from_float<TO>(y);
+  });
 }
 
 template <typename TO>
@@ -186,21 +188,17 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   };
   const bool fast = K % 64 == 0 && K < (int64_t(1) << 30) && reinterpret_cast<uintptr_t>(x_q.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(w_q.data_ptr()) % 16 == 0;
-  if (fast && M <= 16) {
-    auto gemv = [&](auto kernel, int mt) {
-      const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
-      kernel<<<grid, block, 0, stream>>>(x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), w_q.data_ptr<int8_t>(),
-                                         w_scale.data_ptr<float>(), bias, o, M, N, int(K));
-    };
-    if (M <= 8) gemv(w8a8_gemv<TO, 1>, 1);
-    else gemv(w8a8_gemv<TO, 2>, 2);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  if (M <= 8) go(w8a8_decode<TO, 1>, 1);
-  else if (M <= 16) go(w8a8_decode<TO, 2>, 2);
-  else if (M <= 32) go(w8a8_decode<TO, 4>, 4);
-  else go(w8a8_decode<TO, 8>, 8);
+  const int variant = std::getenv("LLMC_W8_DECODE") ? std::atoi(std::getenv("LLMC_W8_DECODE")) : 0;
+  if (fast && variant == 1 && M <= 8) go(w8a8_gemv2<TO, 1, 4, 2>, 1);
+  else if (fast && variant == 1 && M <= 16) go(w8a8_gemv2<TO, 2, 4, 2>, 2);
+  else if (fast && variant == 2 && M <= 8) go(w8a8_gemv2<TO, 1, 2, 4>, 1);
+  else if (fast && variant == 2 && M <= 16) go(w8a8_gemv2<TO, 2, 2, 3>, 2);
+  else if (fast && M <= 8) go(w8a8_decode<TO, 1, true>, 1);
+  else if (fast && M <= 16) go(w8a8_decode<TO, 2, true>, 2);
+  else if (M <= 8) go(w8a8_decode<TO, 1, false>, 1);
+  else if (M <= 16) go(w8a8_decode<TO, 2, false>, 2);
+  else if (M <= 32) go(w8a8_decode<TO, 4, false>, 4);
+  else go(w8a8_decode<TO, 8, false>, 8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
