@@ -6,6 +6,7 @@ let ``torch.compile`` trace the compiled ops.
 
 Compiled ops (schemas in csrc/cpu/ops.cpp):
   llmc::quantize_int8(Tensor x, Tensor? scale) -> (Tensor q, Tensor scale)
+  llmc::quantize_fp8(Tensor x, Tensor? scale) -> (Tensor q, Tensor scale)   (float8_e4m3fn codes)
   llmc::w8a8_mm(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor
   llmc::w4a16_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) -> Tensor
 """
@@ -46,6 +47,12 @@ def quantize_per_token(x: torch.Tensor, scale: torch.Tensor | None = None) -> tu
     if _has_kernel("quantize_int8", x.device):
         return torch.ops.llmc.quantize_int8(x2.contiguous(), scale)
     return reference.quantize_per_token(x2, scale)
+
+
+def has_fused_fp8_quantizer(device: torch.device) -> bool:
+    """Whether llmc::quantize_fp8 is compiled for ``device`` (quant.fp8 uses it on CUDA, where the unfused
+    torch ops cost more than the fp8 GEMM they feed)."""
+    return _has_kernel("quantize_fp8", device)
 
 
 def w8a8_mm(
@@ -174,6 +181,10 @@ if _SERVED:
     @torch.library.register_fake("llmc::quantize_int8")
     def _(x, scale):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+    @torch.library.register_fake("llmc::quantize_fp8")
+    def _(x, scale):
+        return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:1], dtype=torch.float32)
 
     @torch.library.register_fake("llmc::w8a8_mm")
     def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):

@@ -85,9 +85,8 @@ def _plan(device: torch.device, k: int, n: int, dtype: torch.dtype, bias_dtype: 
     if k % ALIGN or n % ALIGN:
         return _refuse(f"K={k}, N={n}: torch._scaled_mm needs K and N multiples of {ALIGN}")
     if dtype == torch.float32:
-        # The one H100 run of tests/algorithms/test_fp8.py (torch 2.11) had 28 CUDA failures; the ones whose
-        # names survived in the log were float32 cases. GPU inference runs bf16/fp16, so float32 takes the
-        # reference path until that run is repeated with the full log.
+        # GPU inference runs bf16/fp16; _scaled_mm's float32 output is left unverified (an early H100 run
+        # failed float32 cases, log lost), so float32 keeps the exact reference path.
         return Fp8Plan("reference", "float32 activations: the fp8 tensor-core path serves bf16/fp16")
     if dtype not in OUT_DTYPES:
         return _refuse(f"input dtype {dtype}: torch._scaled_mm writes only {', '.join(map(str, OUT_DTYPES))}")
@@ -143,16 +142,31 @@ def _probe(device: torch.device, dtype: torch.dtype, fuse_bias: bool, fast_accum
 
 def quantize_activations(x2: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (codes float8_e4m3fn [M, K], scales float32 [M, 1]): per token (scale None) or one static
-    per-tensor scale; saturating (clamped to ±448 before the cast)."""
+    per-tensor scale; saturating (clamped to ±448 before the cast). On CUDA one fused kernel
+    (llmc::quantize_fp8) computes the same bits as the torch ops below."""
+    if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16, torch.float32) and _fused_quantizer(x2.device):
+        q, s = torch.ops.llmc.quantize_fp8(x2.contiguous(), scale)
+        return q, s.reshape(-1, 1)
     xf = x2.float()
     m = xf.shape[0]
     if scale is None:
-        s = xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        # A tensor divisor: torch on CUDA turns division by a Python number into a multiply by its reciprocal,
+        # not the IEEE quotient the fused kernel (and torch on CPU) computes.
+        s = amax / torch.full_like(amax, FP8_MAX)
         s = torch.where(s > 0, s, torch.ones_like(s))
     else:  # _scaled_mm wants a contiguous [M, 1]: an expanded view (stride 0) is not
         s = scale.float().reshape(1, 1).expand(m, 1).contiguous()
     q = torch.clamp(xf / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, s
+
+
+def _fused_quantizer(device: torch.device) -> bool:
+    if os.environ.get("LLMC_KERNELS") == "reference":
+        return False
+    from llmcompress.kernels import ops  # (imported here: loading the extension is not free)
+
+    return ops.has_fused_fp8_quantizer(device)
 
 
 def reference_mm(q: torch.Tensor, s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -78,6 +78,37 @@ def test_quantize_static_scale_and_leading_dims(device):
     assert q.abs().max().item() == 127  # values past the static range clamp
 
 
+def _fp8_torch(x, scale=None):
+    """llmc::quantize_fp8's definition in plain torch float32 ops, on x's device."""
+    xf = x.float()
+    if scale is None:
+        amax = xf.abs().amax(dim=1)
+        s = amax / torch.full_like(amax, 448.0)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    else:
+        s = scale.float().reshape(1).expand(x.shape[0])
+    return torch.clamp(xf / s[:, None], -448.0, 448.0).to(torch.float8_e4m3fn), s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (3, 200), (17, 1536), (129, 33)])
+def test_quantize_fp8_bit_exact(device, dtype, m, k):
+    if not compiled(device):
+        pytest.skip(f"no compiled kernels for {device}")
+    x = (torch.randn(m, k, device=device) * torch.rand(m, 1, device=device) * 10).to(dtype)
+    x[m // 2] = 0  # an all-zero row gets scale 1 and q = 0
+    for scale in (None, torch.tensor(0.01, device=device)):  # static: values past 448 * 0.01 saturate
+        q, s = torch.ops.llmc.quantize_fp8(x, scale)
+        q_ref, s_ref = _fp8_torch(x, scale)
+        assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and q.shape == (m, k) and s.shape == (m,)
+        assert torch.equal(s, s_ref)
+        differ = (q.view(torch.uint8) != q_ref.view(torch.uint8)).sum().item()
+        assert differ == 0, f"{differ} codes differ"
+        assert torch.isfinite(q.float()).all() and (q[m // 2].float() == 0).all()
+        assert s[m // 2].item() == (1.0 if scale is None else scale.item())
+
+
 # ------------------------------------------------------------------ W8A8
 
 
@@ -200,6 +231,8 @@ def test_opcheck(device):
     bias = torch.randn(49, device=device)
     torch.library.opcheck(torch.ops.llmc.quantize_int8.default, (x, None))
     torch.library.opcheck(torch.ops.llmc.quantize_int8.default, (x, torch.tensor(0.1, device=device)))
+    torch.library.opcheck(torch.ops.llmc.quantize_fp8.default, (x, None))
+    torch.library.opcheck(torch.ops.llmc.quantize_fp8.default, (x, torch.tensor(0.1, device=device)))
     torch.library.opcheck(torch.ops.llmc.w8a8_mm.default, (q, s, w_q, w_scale, bias, torch.bfloat16))
     torch.library.opcheck(torch.ops.llmc.w8a8_mm.default, (q, s, w_q, w_scale, None, torch.float32))
     torch.library.opcheck(torch.ops.llmc.w4a16_mm.default,
@@ -287,3 +320,20 @@ def test_cuda_prefill_sizes(m, out_dtype):
     y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, 128))
     y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), zeros.cpu(), 128, compute_dtype=torch.float64)
     assert rel_err(y.cpu(), y_ref) < TOL[out_dtype] + 3e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
+def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
+    """Every tile shape of the mid-M W4A16 kernel (LLMC_W4_TILED, swept by the benchmark): part-empty token and
+    feature blocks, with and without zero points, groups of 64 and 128."""
+    monkeypatch.setenv("LLMC_W4_TILED", str(variant))
+    k, n = 1024, 264
+    for m, group_size, asym in [(33, 64, True), (129, 128, False), (256, 64, False), (200, 128, True)]:
+        qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+        y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size), bias)
+        y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
+                                 group_size, bias.cpu(), compute_dtype=torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (m, group_size, asym)

@@ -20,10 +20,10 @@ void check_float(const at::Tensor& t, const char* name) {
 
 // ------------------------------------------------------------------ shared argument checks (CPU and CUDA)
 
-void check_quantize_args(const at::Tensor& x, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.dim() == 2, "llmc::quantize_int8: x must be 2-D [M, K], got ", x.sizes());
+void check_quantize_args(const at::Tensor& x, const std::optional<at::Tensor>& scale, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   check_float(x, "x");
-  if (scale) TORCH_CHECK(scale->numel() == 1, "llmc::quantize_int8: a static scale must be one number, got ", scale->sizes());
+  if (scale) TORCH_CHECK(scale->numel() == 1, op, ": a static scale must be one number, got ", scale->sizes());
 }
 
 void check_w8a8_args(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale) {
@@ -115,6 +115,23 @@ static at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t n) {
 
 // ------------------------------------------------------------------ CPU implementations
 
+// FP8 E4M3 per-token quantizer: s = amax / 448 (1 where that is not > 0), q = e4m3(clamp(x / s, +-448)), the
+// function quant.fp8.quantize_activations computes. On CPU it is these ATen calls (the CUDA op fuses them into
+// one pass; GPU inference is what needs it).
+static std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& scale) {
+  check_quantize_args(x, scale, "llmc::quantize_fp8");
+  const at::Tensor xf = x.to(at::kFloat);
+  at::Tensor s;
+  if (scale) {
+    s = scale->to(at::kFloat).reshape({1}).expand({x.size(0)}).contiguous();
+  } else {
+    s = xf.abs().amax({1}) / at::full({x.size(0)}, 448.f, xf.options());
+    s = at::where(s > 0, s, at::ones_like(s));
+  }
+  const at::Tensor q = at::clamp(xf / s.unsqueeze(1), -448.f, 448.f).to(at::kFloat8_e4m3fn);
+  return {q, s};
+}
+
 static std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& scale) {
   check_quantize_args(x, scale);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -179,6 +196,7 @@ static at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, c
 
 TORCH_LIBRARY(llmc, m) {
   m.def("quantize_int8(Tensor x, Tensor? scale) -> (Tensor, Tensor)");
+  m.def("quantize_fp8(Tensor x, Tensor? scale) -> (Tensor, Tensor)");
   m.def("w8a8_mm(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("w4a16_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) -> Tensor");
   m.def("cpu_isa() -> str", &llmc::cpu::cpu_isa);
@@ -186,6 +204,7 @@ TORCH_LIBRARY(llmc, m) {
 
 TORCH_LIBRARY_IMPL(llmc, CPU, m) {
   m.impl("quantize_int8", &llmc::cpu::quantize_int8_cpu);
+  m.impl("quantize_fp8", &llmc::cpu::quantize_fp8_cpu);
   m.impl("w8a8_mm", &llmc::cpu::w8a8_mm_cpu);
   m.impl("w4a16_mm", &llmc::cpu::w4a16_mm_cpu);
 }
