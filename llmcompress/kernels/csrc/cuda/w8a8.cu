@@ -8,7 +8,6 @@
 // Prefill shapes: the CUTLASS sm90 wgmma GEMM with the epilogue fused (w8a8_sm90.cuh) where built, else
 // cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product and a separate epilogue kernel.
 #include <c10/cuda/CUDAException.h>
-#include <cstdlib>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -100,68 +99,6 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
   });
 }
 
-// Decode fast path with two register banks (candidate; LLMC_W8_DECODE selects it for the benchmark sweep):
-// the next U chunks' loads are issued before the current U chunks are multiplied, so a warp always has
-// loads in flight (the single-bank loop leaves the memory pipe idle while its mma wait on the bank).
-template <typename TO, int MT, int U, int kMinBlocks>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
-    w8a8_gemv2(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
-               const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
-               int64_t K) {
-  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int chunks = int(K / 64);
-  const uint4* w0 = reinterpret_cast<const uint4*>(w + (int64_t)min(nt * 16 + g, N - 1) * K) + t;
-  const uint4* w1 = reinterpret_cast<const uint4*>(w + (int64_t)min(nt * 16 + g + 8, N - 1) * K) + t;
-  const uint4* xr[MT];
-  bool xv[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int tok = m0 + mt * 8 + g;
-    xv[mt] = tok < M;
-    xr[mt] = reinterpret_cast<const uint4*>(x + (int64_t)(xv[mt] ? tok : 0) * K) + t;
-  }
-  int acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
-  auto load = [&](uint4* a, uint4* b, int c0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * kWarps;
-      a[u] = c < chunks ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
-      b[u] = c < chunks ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  auto compute = [&](const uint4* a, const uint4* b, int c0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * kWarps;
-      if (c >= chunks) break;
-      const uint32_t a_lo[4] = {a[u].x, b[u].x, a[u].y, b[u].y};
-      const uint32_t a_hi[4] = {a[u].z, b[u].z, a[u].w, b[u].w};
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint4 xb = xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
-        mma_s8(acc[mt], a_lo, xb.x, xb.y);
-        mma_s8(acc[mt], a_hi, xb.z, xb.w);
-      }
-    }
-  };
-  uint4 wa[U], wb[U], na[U], nb[U];
-  load(wa, wb, warp);
-  for (int c0 = warp; c0 < chunks; c0 += 2 * kWarps * U) {
-    load(na, nb, c0 + kWarps * U);
-    compute(wa, wb, c0);
-    load(wa, wb, c0 + 2 * kWarps * U);
-    compute(na, nb, c0 + kWarps * U);
-  }
-  reduce_warps_store<kWarps, MT>(acc, nt, m0, M, N, [&](int row, int tok, int v) {
-    float y = float(v) * xs[tok] * ws[row];
-    if (bias != nullptr) y += bias[row];
-    out[(int64_t)tok * N + row] = from_float<TO>(y);
-  });
-}
-
 template <typename TO>
 __global__ void scale_epilogue(const int* __restrict__ acc, const float* __restrict__ xs, const float* __restrict__ ws,
                                const float* __restrict__ bias, TO* __restrict__ out, int64_t M, int64_t N) {
@@ -188,12 +125,7 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   };
   const bool fast = K % 64 == 0 && K < (int64_t(1) << 30) && reinterpret_cast<uintptr_t>(x_q.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(w_q.data_ptr()) % 16 == 0;
-  const int variant = std::getenv("LLMC_W8_DECODE") ? std::atoi(std::getenv("LLMC_W8_DECODE")) : 0;
-  if (fast && variant == 1 && M <= 8) go(w8a8_gemv2<TO, 1, 4, 2>, 1);
-  else if (fast && variant == 1 && M <= 16) go(w8a8_gemv2<TO, 2, 4, 2>, 2);
-  else if (fast && variant == 2 && M <= 8) go(w8a8_gemv2<TO, 1, 2, 4>, 1);
-  else if (fast && variant == 2 && M <= 16) go(w8a8_gemv2<TO, 2, 2, 3>, 2);
-  else if (fast && M <= 8) go(w8a8_decode<TO, 1, true>, 1);
+  if (fast && M <= 8) go(w8a8_decode<TO, 1, true>, 1);
   else if (fast && M <= 16) go(w8a8_decode<TO, 2, true>, 2);
   else if (M <= 8) go(w8a8_decode<TO, 1, false>, 1);
   else if (M <= 16) go(w8a8_decode<TO, 2, false>, 2);
