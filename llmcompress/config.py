@@ -407,7 +407,13 @@ class AWQConfig:
                              "refit_scales; min-max observer, which gives them back; g128 sym: 27.7 with it, "
                              "29.1 without)")
     refit_rounds: int = opt(1, "refit_scales: rounds of (round to the codes of the current scales, refit)", ge=1)
+    refit_in_search: bool = opt(False, "refit_scales: score each candidate s with RTN + the refit (2-4x slower; "
+                                "unstable: with normalize_tokens, g128 sym 26.3 on one calibration sample, 32.3 on "
+                                "another)")
     refit_damp: float = opt(0.01, "refit_scales: λ = refit_damp · mean(diag H) added to H's diagonal", ge=0.0)
+    gqa_scales: bool = opt(False, "under grouped-query attention, give o_proj AWQ scales tied per v_proj channel "
+                           "(folded into v_proj) instead of none (g128 sym 26.5 / 27.0 on two calibration samples "
+                           "vs 26.8 / 26.8 without)")
     unscaled_groups: bool = opt(True, "also clip / refit the Linears whose producer cannot take AWQ's scales "
                                 "(o_proj under GQA), which otherwise get plain RTN")
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)

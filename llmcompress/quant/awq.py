@@ -35,6 +35,25 @@ def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     return normed.mean(dim=0)
 
 
+def tied_mean(v: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """v [K] averaged over the channels sharing a tie[j], broadcast back to [K]."""
+    tie = tie.to(v.device)
+    n = int(tie.max()) + 1
+    tot = torch.zeros(n, device=v.device, dtype=v.dtype).index_add_(0, tie, v)
+    cnt = torch.zeros(n, device=v.device, dtype=v.dtype).index_add_(0, tie, torch.ones_like(v))
+    return (tot / cnt.clamp(min=1))[tie]
+
+
+def gqa_tie(attn: torch.nn.Module, k: int) -> Optional[torch.Tensor]:
+    """For o_proj [*, k] under grouped-query attention: the v_proj output channel behind each o_proj input
+    channel (query head q, dim d reads kv head q // groups, dim d), or None if the module does not say."""
+    hd, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
+    if not hd or not groups or k % hd:
+        return None
+    j = torch.arange(k)
+    return (j // hd // groups) * hd + j % hd
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Each row x / ‖x‖: every calibration token weighs the same in an output-error loss whatever its norm."""
     return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
@@ -66,27 +85,40 @@ def sample_rows(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], lim
 def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Callable[[torch.Tensor], torch.Tensor],
                grid: int = 20, duo_scaling: Union[bool, str] = True, group_size: int = 128,
                normalize_tokens: bool = False,
-               score: Optional[Callable[[list[torch.Tensor]], float]] = None) -> tuple[torch.Tensor, dict]:
+               score: Optional[Callable[[list[torch.Tensor]], float]] = None,
+               fq_for: Optional[Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = None,
+               tie: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """Best per-channel scale s [K] for the Linears `weights` ([N_i, K]) reading calibration rows x [T, K].
 
     fq_weight(W) is the weight quantizer (quantize-dequantize) the model will use. duo_scaling: True (x̄^α / w̄^(1−α)),
     False (x̄^α) or "both" (every α of each family). normalize_tokens: the loss is taken over unit-norm rows
     x / ‖x‖ (x̄ is still the plain mean |x|). score(Ŵ), given the dequantized Ŵ_i = Q(W_i·s)/s of each Linear
-    (in the unscaled coordinates), replaces that loss when given: e.g. the decoder layer's output error. Returns s
+    (in the unscaled coordinates), replaces that loss when given: e.g. the decoder layer's output error.
+    fq_for(s), when given, is the weight quantizer to score the candidate s with (instead of fq_weight), e.g. RTN
+    plus the scale refit on the inputs x / s. tie [K] (long): input channel j takes the producer channel
+    tie[j]'s scale, so channels that share a producer channel get one s (x̄ and w̄ averaged over them; o_proj under
+    GQA, where each v channel feeds one o column per query head of its group). Returns s
     and a record {"alpha": best α or None for s = 1, "duo": whether the best s was a duo one, "loss": its loss, "loss_unscaled": the loss at s = 1}."""
     x = x.float()
     x_mean = x.abs().mean(dim=0)
     xl = unit_rows(x) if normalize_tokens else x
     families = [True, False] if duo_scaling == "both" else [bool(duo_scaling)]
     w_mean = weight_mean(weights, group_size) if True in families else None
+    if tie is not None:
+        x_mean, w_mean = (None if v is None else tied_mean(v, tie) for v in (x_mean, w_mean))
     ws = [w.detach().float() for w in weights]
-    ref = xl @ torch.cat(ws).t() if score is None else None  # computed once for every candidate
+    W = torch.cat(ws)
+    # ‖X Wᵀ − X Ŵᵀ‖² = Σ_rows d XᵀX dᵀ (d = W − Ŵ): one K × K Gram instead of a T × N product per candidate
+    gram = (xl.t() @ xl).double() if score is None else None
+    numel = x.shape[0] * W.shape[0]
 
     def loss(s: torch.Tensor) -> float:
-        w_hat = [fq_weight(w * s) / s for w in ws]
+        fq = fq_weight if fq_for is None else fq_for(s)
+        w_hat = [fq(w * s) / s for w in ws]
         if score is not None:
             return float(score(w_hat))
-        return float((ref - xl @ torch.cat(w_hat).t()).pow(2).mean())
+        d = (W - torch.cat(w_hat)).double()
+        return float(((d @ gram) * d).sum() / numel)
 
     ones = torch.ones_like(x_mean)
     best_s, best, best_loss = ones, (None, None), loss(ones)
@@ -154,7 +186,7 @@ def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Ten
     n, k = w.shape
     for g0 in range(0, k, group_size):
         wg, xg = w[:, g0:g0 + group_size], x[:, g0:g0 + group_size]
-        y = xg @ wg.t()
+        gram = xg.t() @ xg  # each row's error ‖X_g (w − q)ᵀ‖² = (w − q) X_gᵀX_g (w − q)ᵀ
         amax = wg.abs().amax(dim=1, keepdim=True)
         best_err = torch.full((n,), float("inf"), device=w.device)
         best = wg.clone()
@@ -162,12 +194,42 @@ def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Ten
             m = amax * (1 - i / grid)
             cand = wg.clamp(-m, m)
             q = fq_weight(cand)  # one group of the spec's group size: quantized exactly as inside W
-            err = (y - xg @ q.t()).pow(2).mean(dim=0)
+            d = wg - q
+            err = ((d @ gram) * d).sum(dim=1) / xg.shape[0]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best[better] = cand[better]
         out[:, g0:g0 + group_size] = best
     return out
+
+
+def refit_gram(x: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """H = 2 XᵀX / n of the unit-norm rows x / ‖x‖, plus damp · mean(diag H) on its diagonal (as GPTQ's)."""
+    xn = unit_rows(x.float())
+    H = 2.0 * xn.t() @ xn / xn.shape[0]
+    return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+
+
+def refit_hat(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, new_observer,
+              rounds: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN of W [N, K], then each row's scales re-solved by least squares for its codes under H (refit_scales).
+    Returns (Ŵ, scales)."""
+    W = W.float()
+    scale, zero = weight_qparams(W, spec, new_observer(spec))
+    W_hat = fake_quantize(W, scale, zero, spec)
+    for r in range(rounds):
+        if r:
+            W_hat = fake_quantize(W, scale, zero, spec)  # the codes of the refit scales
+        W_hat, scale = refit_row_scales(W, W_hat, scale, H, spec)
+    return W_hat, scale
+
+
+def refit_quantizer(x: torch.Tensor, spec: QuantSpec, new_observer, damp: float = 0.01):
+    """fq_for for awq_search when the scale refit follows: s -> RTN + refit under the inputs x / s."""
+    def for_scale(s: torch.Tensor):
+        H = refit_gram(x / s.to(x.device), damp)
+        return lambda w: refit_hat(w, H.to(w.device), spec, new_observer)[0]
+    return for_scale
 
 
 @torch.no_grad()
@@ -180,15 +242,7 @@ def refit_scales(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, new_observer
     if spec.granularity not in ("channel", "group") or spec.is_float:
         return w
     W = w.detach().float()
-    xn = unit_rows(x.float()).to(W.device)
-    H = 2.0 * xn.t() @ xn / xn.shape[0]
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
-    scale, zero = weight_qparams(W, spec, new_observer(spec))
-    W_hat = fake_quantize(W, scale, zero, spec)
-    for r in range(rounds):
-        if r:
-            W_hat = fake_quantize(W, scale, zero, spec)  # the codes of the refit scales
-        W_hat, scale = refit_row_scales(W, W_hat, scale, H, spec)
+    W_hat, scale = refit_hat(W, refit_gram(x, damp).to(W.device), spec, new_observer, rounds)
     W_out = _pin_range(W_hat, scale, spec, new_observer) if spec.symmetric else W_hat
     again = fake_quantize(W_out, *weight_qparams(W_out, spec, new_observer(spec)), spec)
     ok = (again - W_hat).abs() <= 1e-5 * W_hat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)

@@ -209,6 +209,11 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                 producer = layer.get_submodule(prod)
                 foldable = not (isinstance(producer, nn.Linear)
                                 and producer.out_features != mine[cons[0]].in_features)
+                tie = None
+                if not foldable and cfg.awq.gqa_scales and prod.endswith("v_proj"):
+                    # o_proj under GQA: one v channel feeds one o column per query head of its group
+                    tie = awq_.gqa_tie(layer.get_submodule(prod.rsplit(".", 1)[0]), mine[cons[0]].in_features)
+                    foldable = tie is not None and int(tie.max()) + 1 == producer.out_features
                 if not foldable and not cfg.awq.unscaled_groups:
                     continue  # o_proj under GQA: one v channel feeds several heads' o columns
                 ws = [mine[c].weight for c in cons]
@@ -219,8 +224,20 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                                              spec.group_size, cfg.awq.normalize_tokens,
                                              score=awq_.layer_score(layer, lw, masks, ref, [mine[c] for c in cons],
                                                                     cfg.awq.loss_batches)
-                                             if cfg.awq.loss == "layer" else None)
-                    sq.fold_scales(producer, [mine[c] for c in cons], s)
+                                             if cfg.awq.loss == "layer" else None,
+                                             fq_for=awq_.refit_quantizer(x, spec, new_observer, cfg.awq.refit_damp)
+                                             if cfg.awq.refit_scales and cfg.awq.refit_in_search else None,
+                                             tie=tie)
+                    if tie is None:
+                        sq.fold_scales(producer, [mine[c] for c in cons], s)
+                    else:  # v_proj's rows / s of their channel, o_proj's columns · s (function unchanged)
+                        s_v = torch.ones(producer.out_features, device=s.device).index_copy_(
+                            0, tie.to(s.device), s).to(producer.weight.device, producer.weight.dtype)
+                        producer.weight.div_(s_v.unsqueeze(1))
+                        if producer.bias is not None:
+                            producer.bias.div_(s_v)
+                        for c in cons:
+                            mine[c].weight.mul_(s.to(mine[c].weight.device, mine[c].weight.dtype).unsqueeze(0))
                     row["awq_alpha"][prod] = rec["alpha"]
                     x = x / s.to(x.device)  # the consumers now read X / s
                 for c in cons:
