@@ -19,7 +19,6 @@ Outputs bench_fp8.json and bench_fp8.md under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench_kernels import FULL_KN, time_op  # same timing protocol as the int8/int4 kernel benchmark
+from bench_kernels import FULL_KN, save, time_op  # same timing protocol as the int8/int4 kernel benchmark
 
 from llmcompress.quant import fp8
 
@@ -104,10 +103,8 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict]) -> str:
 
 def write(out: Path, meta: dict, rows: list[dict]) -> str:
     ratios = speedups(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_fp8.json").write_text(json.dumps(dict(meta=meta, rows=rows, speedups=ratios), indent=1))
     md = markdown(meta, rows, ratios)
-    (out / "bench_fp8.md").write_text(md)
+    save(out, "bench_fp8", meta, rows, ratios, md)
     return md
 
 

@@ -252,12 +252,17 @@ def main() -> None:
     print(md.split("## All timings")[0])
 
 
+def save(out: Path, stem: str, meta: dict, rows: list[dict], speedups: list[dict], md: str) -> None:
+    """out/<stem>.json (meta, rows, speedups) and out/<stem>.md; shared with bench_fp8.py."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, speedups=speedups), indent=1))
+    (out / f"{stem}.md").write_text(md)
+
+
 def write(out: Path, meta: dict, rows: list[dict]) -> str:
     speedups = ratios(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, speedups=speedups), indent=1))
     md = markdown(meta, rows, speedups)
-    (out / "bench.md").write_text(md)
+    save(out, "bench", meta, rows, speedups, md)
     plot(rows, out / "bench.png", meta["device_name"])
     return md
 
