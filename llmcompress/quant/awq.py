@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .formats import QuantSpec, fake_quantize
-from .gptq import refit_row_scales
+from .gptq import dampen_, refit_row_scales, unit_rows
 from .observers import weight_qparams
 
 
@@ -52,11 +52,6 @@ def gqa_tie(attn: torch.nn.Module, k: int) -> Optional[torch.Tensor]:
         return None
     j = torch.arange(k)
     return (j // hd // groups) * hd + j % hd
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row x / ‖x‖: every calibration token weighs the same in an output-error loss whatever its norm."""
-    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 def sample_rows(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], limit: Optional[int], seed: int = 0,
@@ -207,7 +202,8 @@ def refit_gram(x: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """H = 2 XᵀX / n of the unit-norm rows x / ‖x‖, plus damp · mean(diag H) on its diagonal (as GPTQ's)."""
     xn = unit_rows(x.float())
     H = 2.0 * xn.t() @ xn / xn.shape[0]
-    return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+    dampen_(H, damp)
+    return H
 
 
 def refit_hat(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, new_observer,

@@ -33,6 +33,19 @@ from .formats import QuantSpec, fake_quantize
 from .observers import Observer, weight_qparams
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row x / ‖x‖ (x [T, K]): every calibration token weighs the same in H, or in any output-error loss,
+    whatever its norm (`Hessian(normalize_tokens=True)`, AWQ's `normalize_tokens` and its scale refit)."""
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def dampen_(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H += damp · mean(diag H) · I in place (percdamp); returns the λ = damp · mean(diag H) it added."""
+    lam = damp * torch.diag(H).mean()
+    H.diagonal().add_(lam)
+    return lam
+
+
 class Hessian:
     """Streaming H = 2 X Xᵀ / n over inputs x [..., K] (float64 sum, so hundreds of batches add exactly enough).
 
@@ -58,7 +71,7 @@ class Hessian:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.normalize_tokens:
-            x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            x = unit_rows(x)
         if len(self.blocks) == 1:
             self.xtx += (x.t() @ x).double()
         else:
@@ -123,7 +136,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
 
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, device=W.device)
+    dampen_(H, damp)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     with _few_threads(W.device):
@@ -132,8 +145,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
     if refit_scales and spec.granularity in ("channel", "group") and not spec.is_float:
         H_damped = H_orig.clone()
         H_damped[dead, dead] = 1
-        lam = damp * torch.mean(torch.diag(H_damped))
-        H_damped += lam * torch.eye(k, device=W.device)
+        lam = dampen_(H_damped, damp)
         W0m = W0.masked_fill(dead, 0)
         Q, scale, row_err = refit_row_scales(W0m, Q, scale, H_damped, spec, row_errors=True)
         # the refit already has each row's (W − Ŵ) H_damped (W − Ŵ)ᵀ; H_damped = H + λI off the dead inputs,

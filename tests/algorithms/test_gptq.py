@@ -98,3 +98,22 @@ def test_refit_scales_never_raises_the_error_and_stays_on_the_stored_grid(spec):
         assert b.error < 0.99 * a.error  # and it does find better scales for GPTQ's codes
         torch.testing.assert_close(fake_quantize(b.weight, b.scale, b.zero_point, spec), b.weight, rtol=0, atol=0)
         assert torch.equal(b.scale, b.scale.half().float())  # representable in the stored scale dtype
+
+
+def test_unit_rows_and_dampen_are_the_hessian_s():
+    """gptq.unit_rows / gptq.dampen_ are what Hessian(normalize_tokens) and gptq_quantize use (AWQ shares them)."""
+    from llmcompress.quant.gptq import dampen_, unit_rows
+
+    X = _correlated_inputs(300, 64) * torch.rand(300, 1, generator=torch.Generator().manual_seed(2))
+    X[5] = 0  # a zero row stays zero
+    xn = unit_rows(X)
+    torch.testing.assert_close(xn.norm(dim=1)[torch.arange(300) != 5], torch.ones(299))
+    assert torch.equal(xn[5], torch.zeros(64))
+    hess = Hessian(64, normalize_tokens=True)
+    hess.add(X)
+    torch.testing.assert_close(hess.value(), 2 * xn.t() @ xn / 300, rtol=1e-5, atol=1e-6)
+    H = hess.value()
+    D = H.clone()
+    lam = dampen_(D, 0.01)
+    assert float(lam) == pytest.approx(0.01 * float(torch.diag(H).mean()))
+    assert torch.equal(D, H + lam * torch.eye(64))
