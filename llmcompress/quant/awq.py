@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .formats import QuantSpec, fake_quantize
-from .gptq import dampen_, refit_row_scales, unit_rows
+from .gptq import _few_threads, dampen_, refit_row_scales, unit_rows
 from .observers import weight_qparams
 
 
@@ -109,17 +109,18 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
 
     def loss(s: torch.Tensor) -> float:
         fq = fq_weight if fq_for is None else fq_for(s)
-        w_hat = [fq(w * s) / s for w in ws]
+        with _few_threads(W.device):  # small ops (see refit_scales); the big products below keep the threads
+            w_hat = [fq(w * s) / s for w in ws]
+            d = None if score is not None else (W - torch.cat(w_hat)).double()
         if score is not None:
             return float(score(w_hat))
-        d = (W - torch.cat(w_hat)).double()
-        return float(((d @ gram) * d).sum() / numel)
+        return float(torch.mm(d, gram).mul_(d).sum() / numel)
 
     ones = torch.ones_like(x_mean)
     best_s, best, best_loss = ones, (None, None), loss(ones)
     unscaled = best_loss
     for duo in families:
-        for i in range(grid):
+        for i in range(0 if duo else 1, grid):  # x̄^0 is s = 1, already scored
             alpha = i / grid
             if duo:
                 s = x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)
@@ -176,7 +177,11 @@ def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Ten
         x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
     if normalize_tokens:
         x = unit_rows(x)
-    w = w.float()
+    with _few_threads(w.device):  # hundreds of small ops: see refit_scales
+        return _clip_groups(x, w.float(), fq_weight, group_size, grid, max_shrink)
+
+
+def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink) -> torch.Tensor:
     out = w.clone()
     n, k = w.shape
     for g0 in range(0, k, group_size):
@@ -237,6 +242,13 @@ def refit_scales(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, new_observer
     (the extreme codes stay at the ends of the grid); a group for which it would not keeps its input weights."""
     if spec.granularity not in ("channel", "group") or spec.is_float:
         return w
+    # On CPU this runs on one thread (gptq._few_threads, as GPTQ's column loop): it is mostly small per-group ops,
+    # and with two threads each one waits for both cores, which on a shared 2-core machine made AWQ 5-10x slower.
+    with _few_threads(w.device):
+        return _refit_scales(x, w, spec, new_observer, rounds, damp)
+
+
+def _refit_scales(x, w, spec, new_observer, rounds, damp) -> torch.Tensor:
     W = w.detach().float()
     W_hat, scale = refit_hat(W, refit_gram(x, damp).to(W.device), spec, new_observer, rounds)
     W_out = _pin_range(W_hat, scale, spec, new_observer) if spec.symmetric else W_hat
