@@ -146,3 +146,22 @@ def test_awq_gqa_tie_maps_o_columns_to_their_v_channel():
     assert tie.tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
     v = torch.arange(12.0)
     assert tied_mean(v, tie).tolist() == [2.0, 3.0] * 3 + [8.0, 9.0] * 3
+
+
+def test_awq_cpu_steps_give_the_threads_back():
+    """clip_search / refit_scales / awq_search run their small ops on one CPU thread and restore the setting."""
+    from llmcompress.quant.awq import clip_search
+
+    spec = QuantSpec("int4", True, "group", 64)
+    obs = lambda sp: make_observer("minmax", sp)  # noqa: E731
+    x = _activations(128, 128, 3)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        clip_search(x, w, _fq(spec), 64)
+        refit_scales(x, w, spec, obs)
+        awq_search(x, [w], _fq(spec), grid=4, group_size=64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
