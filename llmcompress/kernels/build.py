@@ -49,8 +49,10 @@ def cutlass_include() -> str | None:
 
 
 def nvcc_flags() -> list[str]:
+    """LLMC_SM90A: the build has sm_90a code, so the host may launch the wgmma kernels (on a 9.x device)."""
     include = cutlass_include()
-    return NVCC_FLAGS + (["-DLLMC_WITH_CUTLASS", f"-I{include}"] if include else [])
+    sm90a = ["-DLLMC_SM90A"] if "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "") else []
+    return NVCC_FLAGS + sm90a + (["-DLLMC_WITH_CUTLASS", f"-I{include}"] if include else [])
 
 
 def cache_dir() -> Path:

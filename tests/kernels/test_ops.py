@@ -328,6 +328,7 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
     """Every tile shape of the mid-M W4A16 kernel (LLMC_W4_TILED, swept by the benchmark): part-empty token and
     feature blocks, with and without zero points, groups of 64 and 128."""
     monkeypatch.setenv("LLMC_W4_TILED", str(variant))
+    monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")  # on Hopper these sizes would go to the wgmma kernel
     k, n = 1024, 264
     for m, group_size, asym in [(33, 64, True), (129, 128, False), (256, 64, False), (200, 128, True)]:
         qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=torch.bfloat16)
@@ -337,3 +338,29 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
         y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
                                  group_size, bias.cpu(), compute_dtype=torch.float64)
         assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (m, group_size, asym)
+
+
+SM90 = CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
+@pytest.mark.parametrize("variant", [1, 3, 5, 6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_w4a16_wgmma_shapes(variant, dtype, monkeypatch):
+    """Every tile shape of the Hopper wgmma W4A16 kernel (LLMC_W4_WGMMA), forced over all M: ragged token and
+    feature blocks (N = 264 leaves half a 16-feature tile), zero points or none, groups of 64 and 128, and K of
+    3 chunks, fewer than the warpgroups that split K in some variants (one gets no chunk at all)."""
+    monkeypatch.setenv("LLMC_W4_WGMMA", str(variant))
+    monkeypatch.setenv("LLMC_W4_SM90_MIN_M", "1")
+    monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "4096")
+    n = 264
+    for m, k, group_size, asym in [(1, 1024, 64, False), (17, 1024, 128, True), (33, 1024, 64, True),
+                                   (64, 1024, 128, False), (65, 192, 64, True), (129, 1024, 128, False),
+                                   (200, 1024, 64, True), (1000, 1024, 128, True)]:
+        qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=dtype)
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype)
+        y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size), bias)
+        y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
+                                 group_size, bias.cpu(), compute_dtype=torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[dtype] + 3e-3, (m, k, group_size, asym)

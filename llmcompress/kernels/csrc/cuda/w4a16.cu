@@ -8,21 +8,21 @@
 // group scale is applied to the fp32 accumulator once per group run, not to every weight. A lane's 16-byte
 // load covers 4 k-steps, and a warp's load is 512 contiguous bytes.
 //
-// Decode (M <= 64): one block of 8 warps per 16 output features, warps splitting K, partial sums reduced in
-// shared memory. Prefill (larger M): 2048-row chunks of the weight are dequantized to the activation dtype
-// and multiplied with cuBLAS, so at most one chunk of full-precision weight exists at a time.
+// Kernels by M (run() below picks; the fast ones need K % 64 == 0 and a power-of-two group >= 64):
+//   w4a16_gemv    M <= 16 (32 off Hopper or with few features): weights streamed through registers.
+//   w4a16_wgmma   Hopper, M = 17..512 (w4a16_sm90.cu): the codes as wgmma's register A operand.
+//   w4a16_tiled   other GPUs, M <= 256: mma.sync on shared-memory tiles.
+//   w4a16_decode  any shape the fast kernels refuse, M <= 64: 8 warps per 16 features split K.
+//   prefill       larger M: 2048-row chunks of the weight are dequantized to the activation dtype and
+//                 multiplied with cuBLAS, so at most one chunk of full-precision weight exists at a time.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
-#include <mutex>
-#include <set>
-#include <tuple>
-
 #include "../checks.h"
 #include "common.cuh"
 #include "ops.h"
+#include "w4a16.cuh"
 
 namespace llmc::cuda {
 namespace {
@@ -158,36 +158,6 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // Fast paths. They need K % 64 == 0 (whole chunks), a power-of-two group of >= 64 (so a chunk lies in one
 // group, found by a shift), and 16-byte aligned activations; run() sends anything else to the kernels above.
 //
-// A chunk's weights, scales and zero points are loaded together into a register slot U chunks before they
-// are used. (Loading the next group's scales "one group ahead" into loop-carried registers does not work:
-// the compiler moves the fresh value between registers right after the load, which waits for it, and the
-// warp stalls a full memory round trip at every group.)
-template <typename T>
-struct Slot {
-  uint4 q;          // 4 k-steps x 8 codes of this lane
-  float s0, s1;     // group scales of rows g and g + 8
-  uint32_t z0, z1;  // their zero points, raw bytes (converted at use, when the load has long landed)
-
-  __device__ __forceinline__ void load(const uint4* wq, const float* sp0, const float* sp1, const uint8_t* zp0,
-                                       const uint8_t* zp1, int c, int cshift, bool in) {
-    if (in) {
-      const int gi = c >> cshift;
-      q = ld_stream(wq);
-      s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi);
-      z0 = zp0 != nullptr ? __ldg(zp0 + gi) : 8u, z1 = zp1 != nullptr ? __ldg(zp1 + gi) : 8u;
-    } else {
-      q = make_uint4(0, 0, 0, 0), s0 = s1 = 0.f, z0 = z1 = 8u;
-    }
-  }
-  // The A fragment of k-step s, zero point removed, unscaled (exact small integers).
-  __device__ __forceinline__ void codes(int s, uint32_t* a) const {
-    const uint32_t word = s == 0 ? q.x : s == 1 ? q.y : s == 2 ? q.z : q.w;
-    const uint32_t zz0 = Mma<T>::pair(Mma<T>::kBias + float(z0), Mma<T>::kBias + float(z0));
-    const uint32_t zz1 = Mma<T>::pair(Mma<T>::kBias + float(z1), Mma<T>::kBias + float(z1));
-#pragma unroll
-    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic, (r & 1) ? zz1 : zz0);
-  }
-};
 
 // Decode, M <= 32 (16-token tiles side by side past 16): a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
@@ -328,9 +298,6 @@ struct TiledStage {
 template <int TOK, int NW, int S>
 constexpr int tiled_smem() { return S * int(sizeof(TiledStage<TOK, NW>)); }
 
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
-}
 
 // TOK tokens x (128 * NW) features per block of 8 warps; warp w owns the NW 16-feature tiles
 // blockIdx.y * 8 * NW + w * NW + j, so one ldmatrix'd activation fragment feeds NW mma (fewer shared-memory
@@ -458,27 +425,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Per kernel and device, once: allow `smem` bytes of dynamic shared memory (past 48 KiB needs the opt-in)
-// and ask for the largest shared-memory carveout (without it the driver may size L1/shared for fewer
-// resident blocks than registers allow; several blocks per SM is what hides these kernels' memory latency).
-template <typename Kernel>
-void launch_attrs_once(Kernel kernel, int smem) {
-  static std::mutex mu;
-  static std::set<std::tuple<const void*, int, int>> done;  // (kernel, device, smem)
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, smem);
-  std::lock_guard<std::mutex> lock(mu);
-  if (done.count(key)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  done.insert(key);
-}
-
-int env_int(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  return env != nullptr ? std::atoi(env) : fallback;
-}
 
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -496,6 +442,15 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   const bool fast = K % 64 == 0 && group_size % 64 == 0 && (cpg & (cpg - 1)) == 0 &&
                     reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(zp) % 4 == 0 &&
                     K < (int64_t(1) << 30) && !std::getenv("LLMC_W4_GENERIC");
+  // Hopper: the wgmma kernel (w4a16_sm90.cu) from M = 17 (33 where N <= 6144: few 64-feature tiles, and the
+  // gemv kernel is ahead there) to M = 512; LLMC_W4_SM90_MIN_M / _MAX_M move the range for sweeps (MAX_M=0
+  // turns it off). On H100 (scripts/results/h100_wgmma), 8192 x 8192: 27.1 us at M = 32, 39.0 at M = 128,
+  // against bf16's 49-51 and, before it, the gemv kernel's 43.8 and the tiled kernel's 89.0; 4096 x 4096,
+  // M = 32: gemv 12.4 us, wgmma 14.5. The dequantize + cuBLAS path takes over past M = 512.
+  const int sm90_min = env_int("LLMC_W4_SM90_MIN_M", (N + 63) / 64 <= 96 ? 33 : 17);
+  if (fast && M >= sm90_min && M <= env_int("LLMC_W4_SM90_MAX_M", 512) &&
+      w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, __builtin_ctz(cpg), chunks, stream))
+    return;
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
     const int cshift = __builtin_ctz(cpg);
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {

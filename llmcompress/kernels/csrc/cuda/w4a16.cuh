@@ -1,0 +1,79 @@
+// Shared by the W4A16 CUDA kernels (w4a16.cu, w4a16_sm90.cu): the per-chunk code slot, small copy helpers and
+// the launch glue. The packed "cuda-mma" layout is described at the top of w4a16.cu.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <tuple>
+
+#include "common.cuh"
+
+namespace llmc::cuda {
+
+// A chunk's weights, scales and zero points are loaded together into a register slot U chunks before they
+// are used. (Loading the next group's scales "one group ahead" into loop-carried registers does not work:
+// the compiler moves the fresh value between registers right after the load, which waits for it, and the
+// warp stalls a full memory round trip at every group.)
+template <typename T>
+struct Slot {
+  uint4 q;          // 4 k-steps x 8 codes of this lane
+  float s0, s1;     // group scales of rows g and g + 8
+  uint32_t z0, z1;  // their zero points, raw bytes (converted at use, when the load has long landed)
+
+  __device__ __forceinline__ void load(const uint4* wq, const float* sp0, const float* sp1, const uint8_t* zp0,
+                                       const uint8_t* zp1, int c, int cshift, bool in) {
+    if (in) {
+      const int gi = c >> cshift;
+      q = ld_stream(wq);
+      s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi);
+      z0 = zp0 != nullptr ? __ldg(zp0 + gi) : 8u, z1 = zp1 != nullptr ? __ldg(zp1 + gi) : 8u;
+    } else {
+      q = make_uint4(0, 0, 0, 0), s0 = s1 = 0.f, z0 = z1 = 8u;
+    }
+  }
+  // The A fragment of k-step s, zero point removed, unscaled (exact small integers).
+  __device__ __forceinline__ void codes(int s, uint32_t* a) const {
+    const uint32_t word = s == 0 ? q.x : s == 1 ? q.y : s == 2 ? q.z : q.w;
+    const uint32_t zz0 = Mma<T>::pair(Mma<T>::kBias + float(z0), Mma<T>::kBias + float(z0));
+    const uint32_t zz1 = Mma<T>::pair(Mma<T>::kBias + float(z1), Mma<T>::kBias + float(z1));
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic, (r & 1) ? zz1 : zz0);
+  }
+};
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
+}
+
+// Per kernel and device, once: allow `smem` bytes of dynamic shared memory (past 48 KiB needs the opt-in)
+// and ask for the largest shared-memory carveout (without it the driver may size L1/shared for fewer
+// resident blocks than registers allow; several blocks per SM is what hides these kernels' memory latency).
+template <typename Kernel>
+inline void launch_attrs_once(Kernel kernel, int smem) {
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int>> done;  // (kernel, device, smem)
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  done.insert(key);
+}
+
+inline int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atoi(env) : fallback;
+}
+
+// Hopper W4A16 for mid-size M (w4a16_sm90.cu): false, doing nothing, where this build or device has no such
+// kernel or the shape does not suit it (the caller then runs its own kernels).
+template <typename T>
+bool w4a16_sm90(const T* x, const uint4* qw, const float* scales, const uint8_t* zeros, const T* bias, T* out, int M,
+                int N, int K, int G, int cshift, int chunks, cudaStream_t stream);
+
+}  // namespace llmc::cuda
