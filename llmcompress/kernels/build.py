@@ -48,8 +48,22 @@ def cutlass_include() -> str | None:
     return path if wants_sm90a and (Path(path) / "cutlass" / "cutlass.h").exists() else None
 
 
+def default_hopper_arch() -> None:
+    """With TORCH_CUDA_ARCH_LIST unset, torch builds for the visible GPUs as plain sm_90, which lacks wgmma: on a
+    Hopper machine ask for 9.0a instead, so the CUTLASS W8A8 and the wgmma W4A16 kernels are built."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") is not None:
+        return
+    try:
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    except Exception:  # no driver at build time: leave torch's default
+        return
+    if (9, 0) in caps:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(sorted(f"{a}.{b}" for a, b in caps if (a, b) != (9, 0)) + ["9.0a"])
+
+
 def nvcc_flags() -> list[str]:
     """LLMC_SM90A: the build has sm_90a code, so the host may launch the wgmma kernels (on a 9.x device)."""
+    default_hopper_arch()
     include = cutlass_include()
     sm90a = ["-DLLMC_SM90A"] if "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "") else []
     return NVCC_FLAGS + sm90a + (["-DLLMC_WITH_CUTLASS", f"-I{include}"] if include else [])
