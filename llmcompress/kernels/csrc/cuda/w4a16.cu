@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 #include "common.cuh"
 #include "ops.h"
@@ -164,7 +166,7 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
 constexpr int kGemvWarps = 4;
 
-template <typename T, int MT, int U>
+template <typename T, int MT, int U, bool HAS_Z>
 __global__ void __launch_bounds__(kGemvWarps * 32, 4)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
@@ -178,8 +180,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 4)
   const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
   const float* sp0 = scales + (int64_t)min(row0, N - 1) * G;
   const float* sp1 = scales + (int64_t)min(row1, N - 1) * G;
-  const uint8_t* zp0 = zeros != nullptr ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
-  const uint8_t* zp1 = zeros != nullptr ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
+  // Symmetric weights (HAS_Z false) take the constant zero point 8: no loads, no conversions.
+  const uint8_t* zp0 = HAS_Z ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
+  const uint8_t* zp1 = HAS_Z ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -461,8 +464,13 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
         kernel<<<grid, kGemvWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
                                                         cshift, chunks);
       };
-      if (M <= 8) go(w4a16_gemv<T, 1, 4>, 1, 4);
-      else go(w4a16_gemv<T, 2, 3>, 2, 3);  // M > 16: 16-token tiles side by side in the grid
+      auto pick = [&](auto has_z) {
+        constexpr bool Z = decltype(has_z)::value;
+        if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4);
+        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3);  // M > 16: 16-token tiles side by side in the grid
+      };
+      if (zp != nullptr) pick(std::true_type{});
+      else pick(std::false_type{});
     } else {
       // Tile shape by M (LLMC_W4_TILED overrides it for sweeps; 0: 32 tokens x 128 features, 1: 64 x 128,
       // 2: 32 x 256, 3: 64 x 256, 4: 32 x 128 with 4 stages). Measured on H100 at 8192 x 8192

@@ -40,7 +40,16 @@ struct Slot {
     const uint32_t zz0 = Mma<T>::pair(Mma<T>::kBias + float(z0), Mma<T>::kBias + float(z0));
     const uint32_t zz1 = Mma<T>::pair(Mma<T>::kBias + float(z1), Mma<T>::kBias + float(z1));
 #pragma unroll
-    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic, (r & 1) ? zz1 : zz0);
+    for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(nibbles_or_magic(word >> (4 * r)), (r & 1) ? zz1 : zz0);
+  }
+
+ private:
+  // (v & 0x000F000F) | magic as one LOP3 (left to itself the compiler emits an AND and an OR: one LUT op takes a
+  // single immediate).
+  __device__ __forceinline__ static uint32_t nibbles_or_magic(uint32_t v) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "n"(0x000F000F), "r"(Mma<T>::kMagic));
+    return r;
   }
 };
 
