@@ -75,11 +75,7 @@ void w4_rows(const W4Args& a, const float* xe, const float* xo, int64_t ldx, con
              int64_t n0, float* y) {
   const __m128i nib = _mm_set1_epi8(0x0F);
   const int64_t kh = (a.K + 1) / 2, gbytes = a.group_size / 2;
-  // A core streaming only NR rows has too few misses in flight to draw its share of DRAM bandwidth (measured:
-  // about 3 GB/s per core); prefetching the next NR rows at the same offset, one row block ahead, keeps
-  // twice as many lines coming and made the M = 1 loop about 1.6x faster out of DRAM.
-  const uint8_t* pf[NR];
-  for (int r = 0; r < NR; ++r) pf[r] = a.qweight + std::min(n0 + NR + r, a.N - 1) * a.ldq;
+  const NextRowsPrefetch<NR> pf(a, n0);
   __m512 yv[NR][MR];
   float ys[NR][MR];
   for (int r = 0; r < NR; ++r)
@@ -90,8 +86,7 @@ void w4_rows(const W4Args& a, const float* xe, const float* xo, int64_t ldx, con
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MR; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
     for (int64_t j = j0; j < jv; j += 16) {
-      if ((j & 63) == 0)  // one cache line of each of the next NR rows (see w4_prefetch_rows)
-        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + j), _MM_HINT_T0);
+      pf.at(j);
       for (int r = 0; r < NR; ++r) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.qweight + (n0 + r) * a.ldq + j));
         const __m512 l = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, nib)));
