@@ -8,6 +8,7 @@
 // Prefill shapes: the CUTLASS sm90 wgmma GEMM with the epilogue fused (w8a8_sm90.cuh) where built, else
 // cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product and a separate epilogue kernel.
 #include <c10/cuda/CUDAException.h>
+#include <cstdlib>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -35,7 +36,10 @@ __device__ __forceinline__ uint4 load16(const int8_t* p, int row, int rows, int6
 // kAligned (K % 64 == 0, 16-byte aligned rows, K < 2^30) is the decode fast path: 32-bit indexing, rows
 // clamped instead of bounds-checked per load, and few enough registers for four blocks per SM (one wave at
 // N = 8192). Otherwise every 16-byte load checks its row and columns (ragged K, any alignment).
-template <typename TO, int MT, bool kAligned>
+// kPipe (aligned path only, the default there): two register banks of two chunks each, the weights and activations of one bank in
+// flight while the other is multiplied, so a warp's loads never drain between batches (the plain loop loads
+// four chunks, waits for them, multiplies, and only then loads the next four).
+template <typename TO, int MT, bool kAligned, bool kPipe = false>
 __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
     w8a8_decode(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
                 const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
@@ -61,6 +65,44 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
 
+  if constexpr (kPipe) {
+    static_assert(kAligned, "the pipelined loop has no bounds checks");
+    constexpr int P = 2;  // chunks per bank
+    struct Bank {
+      uint4 wa[P], wb[P], xb[P][MT];
+    };
+    auto load = [&](Bank& bk, int cbase) {
+#pragma unroll
+      for (int u = 0; u < P; ++u) {
+        const int c = cbase + u * kWarps;
+        const bool in = c < chunks;
+        bk.wa[u] = in ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
+        bk.wb[u] = in ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) bk.xb[u][mt] = in && xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
+      }
+    };
+    auto multiply = [&](const Bank& bk) {
+#pragma unroll
+      for (int u = 0; u < P; ++u) {  // chunks past K hold zeros: multiplying them adds nothing
+        const uint32_t a_lo[4] = {bk.wa[u].x, bk.wb[u].x, bk.wa[u].y, bk.wb[u].y};
+        const uint32_t a_hi[4] = {bk.wa[u].z, bk.wb[u].z, bk.wa[u].w, bk.wb[u].w};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_s8(acc[mt], a_lo, bk.xb[u][mt].x, bk.xb[u][mt].y);
+          mma_s8(acc[mt], a_hi, bk.xb[u][mt].z, bk.xb[u][mt].w);
+        }
+      }
+    };
+    Bank b0, b1;
+    load(b0, warp);
+    for (int c0 = warp; c0 < chunks; c0 += 2 * kWarps * P) {
+      load(b1, c0 + kWarps * P);
+      multiply(b0);
+      load(b0, c0 + 2 * kWarps * P);
+      multiply(b1);
+    }
+  } else
   for (int c0 = warp; c0 < chunks; c0 += kWarps * U) {
     uint4 wa[U], wb[U];
 #pragma unroll
@@ -125,8 +167,13 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   };
   const bool fast = K % 64 == 0 && K < (int64_t(1) << 30) && reinterpret_cast<uintptr_t>(x_q.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(w_q.data_ptr()) % 16 == 0;
-  if (fast && M <= 8) go(w8a8_decode<TO, 1, true>, 1);
-  else if (fast && M <= 16) go(w8a8_decode<TO, 2, true>, 2);
+  // The double-banked loop on the aligned path (LLMC_W8_DECODE_PIPE=0 turns it off, for comparisons). On H100
+  // (scripts/results/h100_w8_pipe): M = 16 30.1 against 33.1 us at 8192 x 8192 and 25.7 against 28.7 at
+  // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
+  const char* pipe_env = std::getenv("LLMC_W8_DECODE_PIPE");
+  const bool pipe = pipe_env == nullptr || std::atoi(pipe_env) != 0;
+  if (fast && M <= 8) pipe ? go(w8a8_decode<TO, 1, true, true>, 1) : go(w8a8_decode<TO, 1, true>, 1);
+  else if (fast && M <= 16) pipe ? go(w8a8_decode<TO, 2, true, true>, 2) : go(w8a8_decode<TO, 2, true>, 2);
   else if (M <= 8) go(w8a8_decode<TO, 1, false>, 1);
   else if (M <= 16) go(w8a8_decode<TO, 2, false>, 2);
   else if (M <= 32) go(w8a8_decode<TO, 4, false>, 4);
