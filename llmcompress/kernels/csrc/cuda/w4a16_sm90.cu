@@ -7,11 +7,11 @@
 // removed, group scale multiplied in the activation dtype, one rounding, as a bf16 copy of the weight
 // would have), and the tensor cores read the activation tile from shared memory themselves, where the
 // sm_80 tiled kernel (w4a16.cu) spends most of its shared-memory bandwidth on every warp's ldmatrix of the
-// same activations. Pipeline: S shared-memory stages of one 64-wide K chunk each (activations in the
-// 128-byte swizzle wgmma reads, plus every warp's codes, scales and zero points), filled by cp.async S - 2
-// chunks ahead; two register banks of A fragments, so one chunk is dequantized while the previous chunk's
-// wgmma runs. A stage is refilled only after every warpgroup's wgmma on it has completed (wait_group 1,
-// then the next iteration's barrier).
+// same activations. Pipeline, per warpgroup: S shared-memory stages of one 64-wide K chunk each (the
+// activation tile, by TMA in the 128-byte swizzle wgmma reads; every warp's codes, scales and zero points, by
+// cp.async), filled S - 2 chunks ahead; two register banks of A fragments, so one chunk is dequantized while
+// the previous chunk's wgmma runs. A stage is refilled only after the warpgroup's wgmma on it has completed
+// (wait_group 1, then the next chunk's barrier).
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
