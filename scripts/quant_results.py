@@ -116,6 +116,15 @@ def kv_only(model, tok, fmt: str, gran: str, cfg: QuantizeConfig) -> None:
     apply_kv_quant(model, fmt, gran, obs.scales(fmt, gran))
 
 
+@torch.no_grad()
+def perturb(model, seed: int) -> None:
+    """Every float weight times 1 + e, e in {-2^-24, 0, 2^-24} at random (CPU generator, parameter order)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.mul_(1 + (torch.randint(-1, 2, p.shape, generator=g).float() * 2.0 ** -24).to(p.device, p.dtype))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
@@ -128,6 +137,9 @@ def main() -> None:
     ap.add_argument("--skip-ppl", action="store_true", help="time the quantization only")
     ap.add_argument("--force", action="store_true", help="recompute the cached unquantized baseline too")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--perturb", type=int, default=None, metavar="SEED",
+                    help="multiply every float weight by 1 + e, e drawn from {-2^-24, 0, 2^-24} (at most one ulp) "
+                         "before quantizing: how much a result moves under a rounding-level change (use with --out)")
     ap.add_argument("--exp", action="append", default=[], metavar="NAME=OV|OV|...",
                     help="an extra configuration: QuantizeConfig overrides separated by '|' (repeatable)")
     args = ap.parse_args()
@@ -151,6 +163,8 @@ def main() -> None:
     results = json.loads(store.read_text()) if store.exists() else {}
     text = load_text("builtin:wikitext2_test")
     base_model, tok = load_model("smollm2-135m", device=args.device, dtype="float32")
+    if args.perturb is not None:
+        perturb(base_model, args.perturb)
     device = next(base_model.parameters()).device
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -185,7 +199,8 @@ def main() -> None:
         except Exception as e:  # one broken configuration must not lose the others' numbers
             print(f"{name}: FAILED: {type(e).__name__}: {e}", flush=True)
             continue
-        entry = {"label": spec["label"], "quantize_seconds": seconds, "device": where, "threads":
+        entry = {"label": spec["label"] + ("" if args.perturb is None else f" (weights perturbed, seed {args.perturb})"),
+                 "quantize_seconds": seconds, "device": where, "threads":
                  torch.get_num_threads(), "overrides": spec.get("set"), "kv": spec.get("kv"), "layers": len(rows),
                  "protocol": protocol}
         if ppl is not None:
