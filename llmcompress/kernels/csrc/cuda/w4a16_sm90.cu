@@ -23,7 +23,10 @@
 namespace llmc::cuda {
 namespace {
 
-template <typename T, int N> struct Wgmma;  // acc[N / 2] += A (64 x 16, registers) * B (16 x N, shared memory)
+// acc[N / 2] += A (64 x 16, registers) * B (16 x N, shared memory). One wrapper per (dtype, N), written out: PTX
+// names the shape and types in the instruction and takes every accumulator as its own operand (CUTLASS's
+// cute/arch/mma_sm90_gmma.hpp spells them out the same way).
+template <typename T, int N> struct Wgmma;
 
 template <> struct Wgmma<__nv_bfloat16, 32> {
   __device__ __forceinline__ static void mma(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
