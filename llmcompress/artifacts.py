@@ -130,6 +130,23 @@ def read_artifact(path, stages: Optional[tuple[str, ...]] = None, verify_hashes:
     return Artifact(path, manifest)
 
 
+_interrupt_requested = False
+
+
+def note_interrupt() -> None:
+    """Called by the CLI's SIGINT/SIGTERM handler. Its KeyboardInterrupt can be swallowed where it lands inside a
+    finalizer (Python then prints "Exception ignored" and goes on), so the writer also checks this flag before it
+    renames anything into place: an interrupted stage never replaces the previous artifact."""
+    global _interrupt_requested
+    _interrupt_requested = True
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a SIGINT/SIGTERM has come (see note_interrupt); stages' progress loops call it."""
+    if _interrupt_requested:
+        raise KeyboardInterrupt
+
+
 @dataclass
 class ArtifactWriter:
     """`with ArtifactWriter(out, stage, config) as w:` write into `w.dir`; on success the manifest is written
@@ -167,6 +184,7 @@ class ArtifactWriter:
         return False
 
     def _finalize(self):
+        raise_if_interrupted()
         files = {}
         for p in sorted(self.dir.rglob("*")):
             if p.is_symlink():

@@ -170,14 +170,20 @@ def execute(stage: str, config: Optional[Path], overrides: List[str], input_path
 
 
 def _install_signal_handlers():
-    """SIGTERM behaves like Ctrl-C: unwinds through the artifact writer, which removes its temporary dir."""
+    """SIGINT and SIGTERM unwind through the artifact writer, which removes its temporary dir; they also mark the
+    run interrupted, so a KeyboardInterrupt swallowed on the way (inside a finalizer) cannot let the stage
+    replace the previous artifact."""
     import signal
 
+    from .artifacts import note_interrupt
+
     def _raise(signum, frame):
+        note_interrupt()
         raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGTERM, _raise)
+        signal.signal(signal.SIGINT, _raise)
     except ValueError:  # not the main thread (library use)
         pass
 

@@ -34,8 +34,13 @@ class RichReporter(Reporter):
         self._task = None
 
     def track(self, items, total=None, description=""):
+        # Each step first checks for a SIGINT/SIGTERM whose KeyboardInterrupt was swallowed on the way.
+        from .artifacts import raise_if_interrupted
+
         if self.quiet:
-            yield from items
+            for item in items:
+                raise_if_interrupted()
+                yield item
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
@@ -49,6 +54,7 @@ class RichReporter(Reporter):
             self._task = progress.add_task(description, total=total, extra="")
             try:
                 for item in items:
+                    raise_if_interrupted()
                     yield item
                     progress.advance(self._task)
             finally:

@@ -90,3 +90,23 @@ def test_kill_9_leaves_nothing_acceptable_and_run_resumes(tmp_path, smollm_path)
     assert [s["status"] for s in res["stages"]] == ["skipped", "ran"]
     assert not temp_dirs(root, "cal-slow")
     read_artifact(root / "cal-slow", ("calibrate",))
+
+
+def test_swallowed_interrupt_still_keeps_previous_artifact(tmp_path, monkeypatch):
+    """A SIGINT/SIGTERM whose KeyboardInterrupt got swallowed (it landed in a finalizer) has still marked the run:
+    the writer refuses to rename the new artifact into place, and progress loops stop at their next step."""
+    from llmcompress import artifacts
+    from llmcompress.progress import RichReporter
+
+    out = tmp_path / "a"
+    with artifacts.ArtifactWriter(out, "calibrate", {}) as w:
+        (w.dir / "x.txt").write_text("old")
+    before = (out / "manifest.json").read_bytes()
+    monkeypatch.setattr(artifacts, "_interrupt_requested", True)
+    with pytest.raises(KeyboardInterrupt):
+        with artifacts.ArtifactWriter(out, "calibrate", {}) as w:
+            (w.dir / "x.txt").write_text("new")
+    assert (out / "manifest.json").read_bytes() == before
+    assert not temp_dirs(tmp_path, "a")
+    with pytest.raises(KeyboardInterrupt):
+        list(RichReporter(console=None, quiet=True).track(range(3)))
