@@ -11,8 +11,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <cstdlib>
 
 namespace llmc::cuda {
+
+// Host: an integer tuning knob from the environment (kernel variants for sweeps), else `fallback`.
+inline int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? std::atoi(env) : fallback;
+}
 
 constexpr int kWarps = 8;  // warps per block; they split K of one 16-feature tile
 

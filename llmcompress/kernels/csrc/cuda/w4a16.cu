@@ -450,12 +450,12 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   // turns it off). On H100 (scripts/results/h100_wgmma), 8192 x 8192: 27.1 us at M = 32, 39.0 at M = 128,
   // against bf16's 49-51 and, before it, the gemv kernel's 43.8 and the tiled kernel's 89.0; 4096 x 4096,
   // M = 32: gemv 12.4 us, wgmma 14.5. The dequantize + cuBLAS path takes over past M = 512.
+  const int cshift = fast ? __builtin_ctz(cpg) : 0;  // chunk -> group: c >> cshift
   const int sm90_min = env_int("LLMC_W4_SM90_MIN_M", (N + 63) / 64 <= 96 ? 33 : 17);
   if (fast && M >= sm90_min && M <= env_int("LLMC_W4_SM90_MAX_M", 512) &&
-      w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, __builtin_ctz(cpg), chunks, stream))
+      w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, cshift, chunks, stream))
     return;
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
-    const int cshift = __builtin_ctz(cpg);
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
       auto go = [&](auto kernel, int mt, int u) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));

@@ -4,7 +4,6 @@
 
 #include <c10/cuda/CUDAException.h>
 
-#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -72,11 +71,6 @@ inline void launch_attrs_once(Kernel kernel, int smem) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   done.insert(key);
-}
-
-inline int env_int(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  return env != nullptr ? std::atoi(env) : fallback;
 }
 
 // Hopper W4A16 for mid-size M (w4a16_sm90.cu): false, doing nothing, where this build or device has no such

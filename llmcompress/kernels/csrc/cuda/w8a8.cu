@@ -8,7 +8,6 @@
 // Prefill shapes: the CUTLASS sm90 wgmma GEMM with the epilogue fused (w8a8_sm90.cuh) where built, else
 // cuBLASLt's int8 GEMM (torch._int_mm) for the int32 product and a separate epilogue kernel.
 #include <c10/cuda/CUDAException.h>
-#include <cstdlib>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -170,8 +169,7 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   // The double-banked loop on the aligned path (LLMC_W8_DECODE_PIPE=0 turns it off, for comparisons). On H100
   // (scripts/results/h100_w8_pipe): M = 16 30.1 against 33.1 us at 8192 x 8192 and 25.7 against 28.7 at
   // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
-  const char* pipe_env = std::getenv("LLMC_W8_DECODE_PIPE");
-  const bool pipe = pipe_env == nullptr || std::atoi(pipe_env) != 0;
+  const bool pipe = env_int("LLMC_W8_DECODE_PIPE", 1) != 0;
   if (fast && M <= 8) pipe ? go(w8a8_decode<TO, 1, true, true>, 1) : go(w8a8_decode<TO, 1, true>, 1);
   else if (fast && M <= 16) pipe ? go(w8a8_decode<TO, 2, true, true>, 2) : go(w8a8_decode<TO, 2, true>, 2);
   else if (M <= 8) go(w8a8_decode<TO, 1, false>, 1);
