@@ -228,16 +228,10 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                                              fq_for=awq_.refit_quantizer(x, spec, new_observer, cfg.awq.refit_damp)
                                              if cfg.awq.refit_scales and cfg.awq.refit_in_search else None,
                                              tie=tie)
-                    if tie is None:
-                        sq.fold_scales(producer, [mine[c] for c in cons], s)
-                    else:  # v_proj's rows / s of their channel, o_proj's columns · s (function unchanged)
-                        s_v = torch.ones(producer.out_features, device=s.device).index_copy_(
-                            0, tie.to(s.device), s).to(producer.weight.device, producer.weight.dtype)
-                        producer.weight.div_(s_v.unsqueeze(1))
-                        if producer.bias is not None:
-                            producer.bias.div_(s_v)
-                        for c in cons:
-                            mine[c].weight.mul_(s.to(mine[c].weight.device, mine[c].weight.dtype).unsqueeze(0))
+                    # under a tie, v_proj's rows take the s of the o columns they feed (function unchanged)
+                    s_v = None if tie is None else torch.ones(producer.out_features, device=s.device).index_copy_(
+                        0, tie.to(s.device), s)
+                    sq.fold_scales(producer, [mine[c] for c in cons], s, prev_s=s_v)
                     row["awq_alpha"][prod] = rec["alpha"]
                     x = x / s.to(x.device)  # the consumers now read X / s
                 for c in cons:

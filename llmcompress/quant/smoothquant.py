@@ -29,18 +29,21 @@ def smooth_scales(x_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
+def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor,
+                prev_s: Optional[torch.Tensor] = None) -> None:
     """Divide the producer's output channels by s and multiply the consumers' input columns by s.
 
     `prev` is a norm with a `weight` [K] (RMSNorm/LayerNorm; a LayerNorm bias is divided too) or a Linear whose
-    output rows feed the consumers."""
+    output rows feed the consumers. prev_s: the producer's own per-channel scales where one producer channel
+    feeds several consumer columns that share its s (v_proj -> o_proj under grouped-query attention); default s."""
     s = s.to(linears[0].weight.device)
+    ps = s if prev_s is None else prev_s.to(s.device)
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
+        prev.weight.div_(ps.to(prev.weight.dtype).unsqueeze(1))
     else:
-        prev.weight.div_(s.to(prev.weight.dtype))
+        prev.weight.div_(ps.to(prev.weight.dtype))
     if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s.to(prev.bias.dtype))
+        prev.bias.div_(ps.to(prev.bias.dtype))
     for lin in linears:
         lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
 

@@ -165,3 +165,18 @@ def test_awq_cpu_steps_give_the_threads_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_fold_scales_tied_producer_leaves_function_unchanged():
+    """prev_s: a producer channel feeding several consumer columns (v_proj -> o_proj under GQA, via a tie) takes
+    their shared s; the composed function is unchanged."""
+    torch.manual_seed(0)
+    prev, cons = torch.nn.Linear(8, 6), torch.nn.Linear(12, 5)
+    tie = torch.arange(12) % 6  # consumer column j reads producer channel tie[j]
+    x = torch.randn(4, 8)
+    y0 = cons(prev(x)[:, tie])
+    s_v = torch.rand(6) + 0.5
+    s = s_v[tie]  # columns sharing a producer channel share its scale
+    with torch.no_grad():
+        sq.fold_scales(prev, [cons], s, prev_s=torch.ones(6).index_copy_(0, tie, s))
+    torch.testing.assert_close(cons(prev(x)[:, tie]), y0, rtol=1e-5, atol=1e-5)
