@@ -188,6 +188,20 @@ def test_w4a16_odd_k_cpu(k):
     assert rel_err(y, y_ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("group_size", [8, 16, 48, 96, 256, 6])
+@pytest.mark.parametrize("m", [1, 2, 5, 12])
+def test_w4a16_cpu_group_sizes(group_size, m):
+    """The CPU decode path's other group layouts: groups narrower than its 64-column blocks (per-lane scales),
+    wider ones, and sizes that split an 8-column word (the portable fallback); K odd and not a multiple of 64."""
+    k = 777 if group_size != 256 else 1100
+    qweight, scales, zeros = random_w4(37, k, group_size, m % 2 == 1, "cpu")
+    x = torch.randn(m, k)
+    bias = torch.randn(37)
+    y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size), bias)
+    y_ref = ref.w4a16_linear(x, qweight, scales, zeros, group_size, bias, compute_dtype=torch.float64)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+
+
 def test_int4_pack_roundtrip():
     codes = torch.randint(0, 16, (7, 13), dtype=torch.uint8)
     assert torch.equal(ref.unpack_int4(ref.pack_int4(codes), 13), codes)

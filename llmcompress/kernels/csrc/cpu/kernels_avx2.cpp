@@ -106,65 +106,104 @@ constexpr W8TileFn kW8Tiles[W8_MR][W8_NR] = {
 
 // ------------------------------------------------------------------ W4A16
 
-// With x split into even (xe) and odd (xo) columns, byte j of a weight row multiplies xe[j] by its low nibble
-// and xo[j] by its high nibble, so no weight shuffling is needed. Per group g the zero point leaves the
-// dot product:  sum_k (u_k - z) x_k = sum_k u_k x_k - z * xsum[g].
-template <int MR, int NR>
-void w4_rows(const W4Args& a, const float* xe, const float* xo, int64_t ldx, const float* xsum, int64_t G,
-             int64_t n0, float* y /* [MR][NR] */) {
-  const __m128i nib = _mm_set1_epi8(0x0F);
-  const int64_t kh = (a.K + 1) / 2, gbytes = a.group_size / 2;
+// A 32-byte load of a nibble row covers columns 64b .. 64b + 63: 32-bit word l holds columns 64b + 8l + t at
+// bits 4t .. 4t + 3 (t = 0..7). Masking nibble t in place and converting gives u * 16^t exactly (at most four
+// significant bits), so with the activations permuted to x[64b + 8l + t] * 16^-t at lane l of vector t (a power
+// of two: exact unless |x| < 2^-102, where the product loses bits below 2^-125) each FMA adds u * x exactly. That is
+// one AND and one convert per 8 weights, where zero-extending bytes (vpmovzxbd, about 1.2 cycles each on Zen 3)
+// and splitting even/odd columns had made the loop issue bound. t = 7 would land in the sign bit: it is shifted
+// down instead and keeps its x unscaled.
+constexpr int64_t kW4Block = 64;
+
+// The activations of a tile of mr rows, laid out [block][t][row][lane] so that the kernel reads them from one
+// pointer at constant offsets (with a pointer per row, GCC ran out of registers and spilled at MR = 4).
+void permute_x(const float* x, int64_t K, int64_t mr, int64_t nb, float* xp) {
+  for (int64_t b = 0; b < nb; ++b)
+    for (int t = 0; t < 8; ++t) {
+      const float f = t < 7 ? std::ldexp(1.f, -4 * t) : 1.f;
+      for (int64_t i = 0; i < mr; ++i)
+        for (int l = 0; l < 8; ++l) xp[((b * 8 + t) * mr + i) * 8 + l] = x[i * K + b * kW4Block + 8 * l + t] * f;
+    }
+}
+
+// Per-lane group scales of one 64-column block when groups are narrower than it (group_size a multiple of 8,
+// so each 32-bit word's eight columns share a group).
+inline __m256 lane_scales(const float* srow, const W4Args& a, int64_t b) {
+  if (a.group_size == 32)
+    return _mm256_set_m128(_mm_set1_ps(srow[2 * b + 1]), _mm_set1_ps(srow[2 * b]));
+  const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(b * kW4Block)), _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56));
+  alignas(32) int32_t c[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), col);
+  alignas(32) float v[8];
+  for (int l = 0; l < 8; ++l) v[l] = srow[c[l] / a.group_size];
+  return _mm256_load_ps(v);
+}
+
+// y[i][r] = sum over the whole 64-column blocks of u[n0 + r, k] * s * x[i, k], for MR activation rows and NR
+// weight rows (zero points and the columns past the last whole block: w4_fixup). UNIFORM: group_size is a
+// multiple of 64, so whole blocks share a scale and are summed before it is applied.
+template <int MR, int NR, bool UNIFORM>
+void w4_rows(const W4Args& a, const float* xp, int64_t G, int64_t n0, float* y /* [MR][NR] */) {
+  const int64_t nb = a.K / kW4Block;
   const NextRowsPrefetch<NR> pf(a, n0);
+  const uint8_t* q[NR];
+  const float* srow[NR];
+  for (int r = 0; r < NR; ++r) q[r] = a.qweight + (n0 + r) * a.ldq, srow[r] = a.scales + (n0 + r) * G;
+  // Two accumulators per pair of rows hide FMA latency; past 4 pairs one each keeps them in registers.
+  constexpr int A = MR * NR <= 4 ? 2 : 1;
   __m256 yv[NR][MR];
-  float ys[NR][MR];
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) yv[r][i] = _mm256_setzero_ps(), ys[r][i] = 0.f;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t j0 = g * gbytes, j1 = std::min(kh, j0 + gbytes), jv = j0 + ((j1 - j0) & ~int64_t(15));
-    // Two accumulators per row hide FMA latency; past 4 rows x weight-rows one each keeps them in registers.
-    constexpr int A = MR * NR <= 4 ? 2 : 1;
+    for (int i = 0; i < MR; ++i) yv[r][i] = _mm256_setzero_ps();
+  const int64_t span = UNIFORM ? a.group_size / kW4Block : 1;  // blocks summed before scaling
+  for (int64_t b0 = 0; b0 < nb; b0 += span) {
+    const int64_t b1 = std::min(nb, b0 + span);
     __m256 acc[NR][MR][A];
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MR; ++i)
-        for (int a = 0; a < A; ++a) acc[r][i][a] = _mm256_setzero_ps();
-    for (int64_t j = j0; j < jv; j += 16) {
-      pf.at(j);
+        for (int c = 0; c < A; ++c) acc[r][i][c] = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      pf.at(b * 32);
+      const float* xb = xp + b * kW4Block * MR;
       for (int r = 0; r < NR; ++r) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.qweight + (n0 + r) * a.ldq + j));
-        const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
-        const __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        const __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        const __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        const __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        for (int i = 0; i < MR; ++i) {
-          const float* pe = xe + i * ldx + j;
-          const float* po = xo + i * ldx + j;
-          acc[r][i][0] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(pe), acc[r][i][0]);
-          acc[r][i][A - 1] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(po), acc[r][i][A - 1]);
-          acc[r][i][0] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(pe + 8), acc[r][i][0]);
-          acc[r][i][A - 1] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(po + 8), acc[r][i][A - 1]);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + b * 32));
+        // Fully unrolled, or the accumulators become a stack array indexed at run time (M = 4 ran 3.6x M = 1).
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const __m256 w = _mm256_cvtepi32_ps(t < 7 ? _mm256_and_si256(v, _mm256_set1_epi32(0xF << (4 * t)))
+                                                    : _mm256_srli_epi32(v, 28));
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i)
+            acc[r][i][t % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + (t * MR + i) * 8), acc[r][i][t % A]);
         }
       }
     }
     for (int r = 0; r < NR; ++r) {
-      const int64_t n = n0 + r;
-      const float s = a.scales[n * G + g];
-      const float z = a.zeros ? float(a.zeros[n * G + g]) : 8.f;
-      const uint8_t* q = a.qweight + n * a.ldq;
-      for (int i = 0; i < MR; ++i) {
-        float tail = 0.f;
-        for (int64_t j = jv; j < j1; ++j) tail += float(q[j] & 0x0F) * xe[i * ldx + j] + float(q[j] >> 4) * xo[i * ldx + j];
-        const __m256 sum = A == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][A - 1]) : acc[r][i][0];
-        yv[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(s), sum, yv[r][i]);
-        ys[r][i] += s * (tail - z * xsum[i * G + g]);
-      }
+      const __m256 s = UNIFORM ? _mm256_set1_ps(srow[r][b0 / span]) : lane_scales(srow[r], a, b0);
+      for (int i = 0; i < MR; ++i)
+        yv[r][i] = _mm256_fmadd_ps(s, A == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][A - 1]) : acc[r][i][0], yv[r][i]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) y[i * NR + r] = hsum_ps(yv[r][i]) + ys[r][i];
+    for (int r = 0; r < NR; ++r) y[i * NR + r] = hsum_ps(yv[r][i]);
 }
 
-using W4RowsFn = void (*)(const W4Args&, const float*, const float*, int64_t, const float*, int64_t, int64_t, float*);
+// The columns past the last whole block of weight row n for activation row x, then every group's zero point:
+// sum_k (u - z) x = sum_k u x - z * xsum[g].
+float w4_fixup(const W4Args& a, const float* x, const float* xsum, int64_t G, int64_t n) {
+  const uint8_t* q = a.qweight + n * a.ldq;
+  const float* s = a.scales + n * G;
+  float y = 0.f;
+  for (int64_t k = a.K / kW4Block * kW4Block; k < a.K; ++k)
+    y += s[k / a.group_size] * float(k & 1 ? q[k / 2] >> 4 : q[k / 2] & 0x0F) * x[k];
+  for (int64_t g = 0; g < G; ++g) y -= s[g] * (a.zeros ? float(a.zeros[n * G + g]) : 8.f) * xsum[g];
+  return y;
+}
+
+using W4RowsFn = void (*)(const W4Args&, const float*, int64_t, int64_t, float*);
+
+template <bool U>
+constexpr W4RowsFn kW4Single[8] = {w4_rows<1, 1, U>, w4_rows<2, 1, U>, w4_rows<3, 1, U>, w4_rows<4, 1, U>,
+                                    w4_rows<5, 1, U>, w4_rows<6, 1, U>, w4_rows<7, 1, U>, w4_rows<8, 1, U>};
 
 }  // namespace
 
@@ -249,31 +288,30 @@ void dequant_tile_avx2(const W4Args& a, int64_t n0, int64_t nc, int64_t k0, int6
 void w4a16_avx2(const W4Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
   if (M > 16) return w4a16_tiled(a, dequant_tile_avx2);
-  const int64_t G = (K + a.group_size - 1) / a.group_size, kh = (K + 1) / 2, ldx = round_up(kh, 16);
-  std::vector<float> xe(M * ldx, 0.f), xo(M * ldx, 0.f), xsum(M * G, 0.f);
+  if (a.group_size % 8) return w4a16_generic(a);  // groups must not split a 32-bit word's eight columns
+  const int64_t G = (K + a.group_size - 1) / a.group_size, nb = K / kW4Block, ldx = nb * kW4Block;
+  std::vector<float> xp(M * ldx), xsum(M * G, 0.f);
+  for (int64_t m0 = 0; m0 < M; m0 += 8) permute_x(a.x + m0 * K, K, std::min<int64_t>(8, M - m0), nb, xp.data() + m0 * ldx);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      (k & 1 ? xo : xe)[m * ldx + k / 2] = a.x[m * K + k];
-      xsum[m * G + k / a.group_size] += a.x[m * K + k];
-    }
-  // Row tiles: MR activation rows share each unpacked weight vector, NR weight rows share each x load.
+    for (int64_t k = 0; k < K; ++k) xsum[m * G + k / a.group_size] += a.x[m * K + k];
+  const bool uniform = a.group_size % kW4Block == 0;
+  // Row tiles: MR activation rows share each converted weight vector, NR weight rows share each x load.
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-    float y[16];  // at most 8 activation rows x 1 weight row, or 1 x 4, or 2 x 2
+    float y[16];  // at most 8 activation rows x 1 weight row, 1 x 2 or 2 x 2
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int64_t mr = std::min<int64_t>(8, M - m0);
-      const int64_t nr = mr == 1 ? 8 : mr == 2 ? 2 : 1;
+      const int64_t nr = mr <= 2 ? 2 : 1;
       for (int64_t n = b; n < e;) {
         const int64_t rows = n + nr <= e ? nr : 1;
-        constexpr W4RowsFn kSingle[8] = {w4_rows<1, 1>, w4_rows<2, 1>, w4_rows<3, 1>, w4_rows<4, 1>,
-                                         w4_rows<5, 1>, w4_rows<6, 1>, w4_rows<7, 1>, w4_rows<8, 1>};
-        W4RowsFn fn = mr >= 3 ? kSingle[mr - 1]
-                    : mr == 2 ? (rows == 2 ? w4_rows<2, 2> : w4_rows<2, 1>)
-                              : (rows == 8 ? w4_rows<1, 8> : w4_rows<1, 1>);
-        fn(a, xe.data() + m0 * ldx, xo.data() + m0 * ldx, ldx, xsum.data() + m0 * G, G, n, y);
+        W4RowsFn fn = uniform ? kW4Single<true>[mr - 1] : kW4Single<false>[mr - 1];
+        if (rows == 2) fn = mr == 2 ? (uniform ? w4_rows<2, 2, true> : w4_rows<2, 2, false>)
+                                    : (uniform ? w4_rows<1, 2, true> : w4_rows<1, 2, false>);
+        fn(a, xp.data() + m0 * ldx, G, n, y);
         for (int64_t i = 0; i < mr; ++i)
           for (int64_t r = 0; r < rows; ++r) {
-            const float v = y[i * rows + r];
-            store_out(a.out, a.out_kind, (m0 + i) * N + n + r, a.bias ? v + a.bias[n + r] : v);
+            const int64_t m = m0 + i;
+            const float v = y[i * rows + r] + w4_fixup(a, a.x + m * K, xsum.data() + m * G, G, n + r);
+            store_out(a.out, a.out_kind, m * N + n + r, a.bias ? v + a.bias[n + r] : v);
           }
         n += rows;
       }
