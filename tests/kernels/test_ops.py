@@ -354,6 +354,38 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
         assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (m, group_size, asym)
 
 
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+def test_cuda_w4a16_gemv_shapes(variant, monkeypatch):
+    """Every shape of the decode gemv kernel (LLMC_W4_GEMV: slots per bank, warps splitting K, blocks per SM),
+    one and two 8-token tiles, K of 3 chunks (fewer than the warps splitting it) and of 40, ragged N."""
+    monkeypatch.setenv("LLMC_W4_GEMV", str(variant))
+    monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
+    for m, k, n, group_size, asym in [(1, 192, 264, 64, False), (5, 2560, 264, 128, True), (8, 2560, 100, 64, False),
+                                      (9, 192, 264, 64, True), (16, 2560, 264, 128, False)]:
+        qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size))
+        y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
+                                 group_size, compute_dtype=torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (variant, m, k, group_size, asym)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("pipe", ["0", "1", "3"])
+def test_cuda_w8a8_decode_loops(pipe, monkeypatch):
+    """The W8A8 decode loops (LLMC_W8_DECODE_PIPE: plain, two banks of two chunks, of three), bit-exact int32
+    products: K of 1 chunk (fewer than the warps) and of 21 (not a multiple of a round), ragged N."""
+    monkeypatch.setenv("LLMC_W8_DECODE_PIPE", pipe)
+    for m, k, n in [(1, 64, 40), (3, 1344, 264), (8, 1344, 17), (16, 1344, 264)]:
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        xs, ws = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+        y = ops.w8a8_mm(xq, xs, w, ws, None, torch.float32)
+        y_ref = ref.w8a8_mm(xq.cpu(), xs.cpu(), w.cpu(), ws.cpu(), None, torch.float64, torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[torch.float32], (pipe, m, k, n)
+
+
 SM90 = CUDA and torch.cuda.get_device_capability()[0] == 9
 
 

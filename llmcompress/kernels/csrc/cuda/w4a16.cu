@@ -164,14 +164,12 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // Decode, M <= 32 (16-token tiles side by side past 16): a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
-constexpr int kGemvWarps = 4;
-
-template <typename T, int MT, int U, bool HAS_Z>
-__global__ void __launch_bounds__(kGemvWarps * 32, 4)
+// W warps per block; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps).
+template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>
+__global__ void __launch_bounds__(W * 32, MINB)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
                int G, int cshift, int chunks) {
-  constexpr int W = kGemvWarps;
   const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = nt * 16 + g, row1 = row0 + 8;
@@ -457,17 +455,24 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
     return;
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
-      auto go = [&](auto kernel, int mt, int u) {
+      auto go = [&](auto kernel, int mt, int u, int warps) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
-        const int smem = kGemvWarps * 2 * u * mt * 64 * 16;  // the activation rings
+        const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings
         launch_attrs_once(kernel, smem);
-        kernel<<<grid, kGemvWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
-                                                        cshift, chunks);
+        kernel<<<grid, warps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
+                                                   cshift, chunks);
       };
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
-        if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4);
-        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3);  // M > 16: 16-token tiles side by side in the grid
+        // LLMC_W4_GEMV picks other shapes for sweeps: (slots per bank, warps per block, blocks per SM).
+        switch (env_int("LLMC_W4_GEMV", 0)) {
+          case 1: return M <= 8 ? go(w4a16_gemv<T, 1, 2, Z, 8, 4>, 1, 2, 8) : go(w4a16_gemv<T, 2, 2, Z, 6, 4>, 2, 2, 6);
+          case 2: return M <= 8 ? go(w4a16_gemv<T, 1, 3, Z, 6, 4>, 1, 3, 6) : go(w4a16_gemv<T, 2, 1, Z, 8, 4>, 2, 1, 8);
+          case 3: return M <= 8 ? go(w4a16_gemv<T, 1, 2, Z, 6, 4>, 1, 2, 6) : go(w4a16_gemv<T, 2, 1, Z, 6, 4>, 2, 1, 6);
+          default:
+            if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4, 4);
+            else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
+        }
       };
       if (zp != nullptr) pick(std::true_type{});
       else pick(std::false_type{});
