@@ -355,11 +355,11 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
-def test_cuda_w4a16_gemv_shapes(variant, monkeypatch):
-    """Every shape of the decode gemv kernel (LLMC_W4_GEMV: slots per bank, warps splitting K, blocks per SM),
-    one and two 8-token tiles, K of 3 chunks (fewer than the warps splitting it) and of 40, ragged N."""
-    monkeypatch.setenv("LLMC_W4_GEMV", str(variant))
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_cuda_w4a16_gemv_shapes(wide, monkeypatch):
+    """Both shapes of the decode gemv kernel (LLMC_W4_GEMV_WIDE: 4 or 8 warps splitting K), one and two 8-token
+    tiles, K of 3 chunks (fewer than the warps splitting it) and of 40, ragged N."""
+    monkeypatch.setenv("LLMC_W4_GEMV_WIDE", wide)
     monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
     for m, k, n, group_size, asym in [(1, 192, 264, 64, False), (5, 2560, 264, 128, True), (8, 2560, 100, 64, False),
                                       (9, 192, 264, 64, True), (16, 2560, 264, 128, False)]:
@@ -368,13 +368,13 @@ def test_cuda_w4a16_gemv_shapes(variant, monkeypatch):
         y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size))
         y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
                                  group_size, compute_dtype=torch.float64)
-        assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (variant, m, k, group_size, asym)
+        assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (wide, m, k, group_size, asym)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("pipe", ["0", "1", "3"])
+@pytest.mark.parametrize("pipe", ["0", "1"])
 def test_cuda_w8a8_decode_loops(pipe, monkeypatch):
-    """The W8A8 decode loops (LLMC_W8_DECODE_PIPE: plain, two banks of two chunks, of three), bit-exact int32
+    """The W8A8 decode loops (LLMC_W8_DECODE_PIPE: plain, or two banks of two chunks), exact int32
     products: K of 1 chunk (fewer than the warps) and of 21 (not a multiple of a round), ragged N."""
     monkeypatch.setenv("LLMC_W8_DECODE_PIPE", pipe)
     for m, k, n in [(1, 64, 40), (3, 1344, 264), (8, 1344, 17), (16, 1344, 264)]:

@@ -462,17 +462,20 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
         kernel<<<grid, warps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
                                                    cshift, chunks);
       };
+      // Few 16-feature tiles for the SMs (N = 4096 on H100: 256 blocks, about 2 per SM, so 8 warps per SM at 4
+      // per block): then 8 warps per block split K, with two slots per bank to fit 64 registers. On H100
+      // (scripts/results/h100_gemv_sweep) M = 1 at 4096 x 4096: 6.6 against 7.2 us; 14336 x 4096: 18.4 against
+      // 18.8. With more tiles it loses (8192 x 8192: 19.9 against 18.0), and at M = 9-16 (8.4 against 7.5 at
+      // 4096 x 4096). LLMC_W4_GEMV_WIDE=0/1 forces the choice (tests, sweeps).
+      int dev = 0, sms = 0;
+      C10_CUDA_CHECK(cudaGetDevice(&dev));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      const bool wide = env_int("LLMC_W4_GEMV_WIDE", (N + 15) / 16 <= 2 * sms ? 1 : 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
-        // LLMC_W4_GEMV picks other shapes for sweeps: (slots per bank, warps per block, blocks per SM).
-        switch (env_int("LLMC_W4_GEMV", 0)) {
-          case 1: return M <= 8 ? go(w4a16_gemv<T, 1, 2, Z, 8, 4>, 1, 2, 8) : go(w4a16_gemv<T, 2, 2, Z, 6, 4>, 2, 2, 6);
-          case 2: return M <= 8 ? go(w4a16_gemv<T, 1, 3, Z, 6, 4>, 1, 3, 6) : go(w4a16_gemv<T, 2, 1, Z, 8, 4>, 2, 1, 8);
-          case 3: return M <= 8 ? go(w4a16_gemv<T, 1, 2, Z, 6, 4>, 1, 2, 6) : go(w4a16_gemv<T, 2, 1, Z, 6, 4>, 2, 1, 6);
-          default:
-            if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4, 4);
-            else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
-        }
+        if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 4>, 1, 2, 8);
+        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4, 4);
+        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
       };
       if (zp != nullptr) pick(std::true_type{});
       else pick(std::false_type{});

@@ -38,8 +38,8 @@ __device__ __forceinline__ uint4 load16(const int8_t* p, int row, int rows, int6
 // kPipe (aligned path only, the default there): two register banks of two chunks each, the weights and activations of one bank in
 // flight while the other is multiplied, so a warp's loads never drain between batches (the plain loop loads
 // four chunks, waits for them, multiplies, and only then loads the next four).
-template <typename TO, int MT, bool kAligned, bool kPipe = false, int P = 2>
-__global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 && P == 2 ? 4 : 3) : 1)
+template <typename TO, int MT, bool kAligned, bool kPipe = false>
+__global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
     w8a8_decode(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
                 const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
                 int64_t K) {
@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 && P == 2 ? 4
 
   if constexpr (kPipe) {
     static_assert(kAligned, "the pipelined loop has no bounds checks");
+    constexpr int P = 2;  // chunks per bank (3, with three blocks per SM, ran 27.4 against 26.8 us at M = 1)
     struct Bank {
       uint4 wa[P], wb[P], xb[P][MT];
     };
@@ -168,11 +169,8 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   // The double-banked loop on the aligned path (LLMC_W8_DECODE_PIPE=0 turns it off, for comparisons). On H100
   // (scripts/results/h100_w8_pipe): M = 16 30.1 against 33.1 us at 8192 x 8192 and 25.7 against 28.7 at
   // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
-  // LLMC_W8_DECODE_PIPE=3: three chunks per bank at M <= 8 (three blocks per SM), for sweeps.
-  const int pipe_env = env_int("LLMC_W8_DECODE_PIPE", 1);
-  const bool pipe = pipe_env != 0;
-  if (fast && M <= 8 && pipe_env == 3) go(w8a8_decode<TO, 1, true, true, 3>, 1);
-  else if (fast && M <= 8) pipe ? go(w8a8_decode<TO, 1, true, true>, 1) : go(w8a8_decode<TO, 1, true>, 1);
+  const bool pipe = env_int("LLMC_W8_DECODE_PIPE", 1) != 0;
+  if (fast && M <= 8) pipe ? go(w8a8_decode<TO, 1, true, true>, 1) : go(w8a8_decode<TO, 1, true>, 1);
   else if (fast && M <= 16) pipe ? go(w8a8_decode<TO, 2, true, true>, 2) : go(w8a8_decode<TO, 2, true>, 2);
   else if (M <= 8) go(w8a8_decode<TO, 1, false>, 1);
   else if (M <= 16) go(w8a8_decode<TO, 2, false>, 2);
