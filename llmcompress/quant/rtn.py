@@ -33,6 +33,10 @@ class QuantizedWeight:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+    def to(self, device) -> "QuantizedWeight":
+        zero = None if self.zero_point is None else self.zero_point.to(device)
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), zero, self.spec)
+
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, observer: Optional[Observer] = None) -> QuantizedWeight:
     """RTN: qparams from `observer` (min-max by default) at the spec's granularity, then round every weight."""

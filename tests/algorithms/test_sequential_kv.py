@@ -158,3 +158,24 @@ def test_fused_gptq_matches_the_generic_layer_by_layer_path(tiny, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, generic(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_onloading_leaves_nothing_of_finished_layers_on_the_gpu(tiny):
+    """Model on the CPU, layers quantized one at a time on the GPU: the codes and scales of each finished layer
+    come back with it, so device memory never holds more than the current layer's."""
+    from llmcompress.quant.quantize import observer_factory, select_linears, weight_spec
+    from llmcompress.quant.sequential import run_on_calibration_data
+
+    model, tok, _ = tiny
+    m = copy.deepcopy(model)
+    cfg = load_config(QuantizeConfig, overrides=CALIB + W4 + ["method=gptq"])
+    before = torch.cuda.memory_allocated()
+    res = run_on_calibration_data(m, tok, select_linears(m, cfg.include, cfg.exclude), weight_spec(cfg.weights),
+                                  observer_factory(cfg.weights), cfg, None, device=torch.device("cuda"))
+    assert len(res.qweights) == 2 * 7
+    assert all(p.device.type == "cpu" for p in m.parameters())
+    for name, q in res.qweights.items():
+        assert q.codes.device.type == "cpu" and q.scale.device.type == "cpu", name
+    layer_bytes = sum(p.numel() * p.element_size() for p in m.model.layers[0].parameters())
+    assert torch.cuda.memory_allocated() - before < layer_bytes
