@@ -302,9 +302,8 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         for rel, lin in mine.items():
             lin.weight.copy_(floats[rel])
         lw.layers[i].to(home)
-        # the layer's codes and scales leave the device with it: on the device they would add up to the whole
-        # quantized model, where onloading promises one layer (measured: 0.54 GB peak vs 1.19 GB for the whole
-        # model at 135M parameters, codes included)
+        # the layer's codes and scales leave the device with it: kept there, they would add up to the whole
+        # quantized model, where onloading promises one layer
         for rel in mine:
             if f"{prefix}.{rel}" in result.qweights:
                 result.qweights[f"{prefix}.{rel}"] = result.qweights[f"{prefix}.{rel}"].to(home)
