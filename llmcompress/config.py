@@ -406,6 +406,9 @@ class AWQConfig:
                              "scales by least squares on the unit-norm input rows' Gram matrix (as gptq."
                              "refit_scales; min-max observer, which gives them back; g128 sym: 27.7 with it, "
                              "29.1 without)")
+    clip_refit: bool = opt(False, "clip + refit_scales: score each clip candidate by its RTN codes under the "
+                           "least-squares group scale the refit will give them (on the refit's unit-norm H), "
+                           "instead of by its error at the min-max scale")
     refit_rounds: int = opt(1, "refit_scales: rounds of (round to the codes of the current scales, refit)", ge=1)
     refit_in_search: bool = opt(False, "refit_scales: score each candidate s with RTN + the refit (2-4x slower; "
                                 "unstable: with normalize_tokens, g128 sym 26.3 on one calibration sample, 32.3 on "
@@ -416,14 +419,23 @@ class AWQConfig:
                            "vs 26.8 / 26.8 without)")
     unscaled_groups: bool = opt(True, "also clip / refit the Linears whose producer cannot take AWQ's scales "
                                 "(o_proj under GQA), which otherwise get plain RTN")
+    sequential_inputs: bool = opt(False, "search, clip and refit each group of a layer on the inputs produced "
+                                  "with the layer's earlier groups already at their quantized weights (o_proj after "
+                                  "q/k/v, gate/up after the attention, down_proj after gate/up), instead of on the "
+                                  "float layer's")
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
     normalize_tokens: bool = opt(False, "score α and the clip search on unit-norm input rows, so every "
                                  "calibration token weighs the same (as gptq.normalize_tokens; no gain measured)")
     keep_first_tokens: bool = opt(False, "always include each calibration sequence's first token (the attention "
                                   "sink) among the search_tokens rows")
-    loss: Literal["linear", "layer"] = opt("linear", "what α is scored on: the group's own Linear outputs, or "
-                                          "the decoder layer's output (the others in float; as AutoAWQ scores on "
-                                          "its attention / MLP block output; no gain measured, slower)")
+    loss: Literal["linear", "layer", "block"] = opt("linear", "what α is scored on: the group's own Linear "
+                                                    "outputs; the decoder layer's output (the others in float; no "
+                                                    "gain measured, slower); or the output of the block the group "
+                                                    "feeds (AutoAWQ's module2inspect: q/k/v on the attention output "
+                                                    "after o_proj, gate/up on the MLP output after down_proj; "
+                                                    "o_proj and down_proj on their own)")
+    block_tokens: int = opt(2048, "calibration tokens the block loss runs on (loss: block): sampled rows for the "
+                            "MLP, whole batches spread over the length-sorted set for the attention", ge=16)
     loss_batches: int = opt(4, "calibration batches (spread over the length-sorted set) the layer loss runs on "
                             "(loss: layer)", ge=1)
 

@@ -164,29 +164,96 @@ def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: 
     return score
 
 
+def block_score(run: Callable[[int], torch.Tensor], items: Sequence[int],
+                lins: Sequence[torch.nn.Linear]) -> Callable[[list[torch.Tensor]], float]:
+    """A `score` for awq_search on the output of the block the Linears `lins` feed (AutoAWQ's module2inspect:
+    q/k/v scored on the attention block's output, o_proj included; gate/up on the MLP's output, down_proj
+    included): run(i) is the block's output [n_i, D] on calibration item i (a batch, or a chunk of rows), the
+    reference taken now with the Linears as they are; the score is mean ‖run(i) − ref_i‖² with the candidate
+    Ŵ in `lins` (all else as it is)."""
+    with torch.no_grad():
+        ref = {i: run(i).detach().double() for i in items}
+
+    @torch.no_grad()
+    def score(w_hat: list[torch.Tensor]) -> float:
+        saved = [lin.weight.detach().clone() for lin in lins]
+        err, n = 0.0, 0
+        try:
+            for lin, w in zip(lins, w_hat):
+                lin.weight.copy_(w.to(lin.weight.dtype))
+            for i in items:
+                d = run(i).double() - ref[i]
+                err += float(d.pow(2).sum())
+                n += d.numel()
+        finally:
+            for lin, w in zip(lins, saved):
+                lin.weight.copy_(w)
+        return err / max(n, 1)
+    return score
+
+
+def spread_batches(n_tokens: Sequence[int], target: int) -> list[int]:
+    """Indices of the fewest batches, spread evenly over the (length-sorted) list, that hold ≥ target tokens
+    (all of them if they hold fewer)."""
+    n_b = len(n_tokens)
+    for k in range(1, n_b + 1):
+        picks = sorted({n_b * (j + 1) // k - 1 for j in range(k)})
+        if sum(n_tokens[b] for b in picks) >= target:
+            return picks
+    return list(range(n_b))
+
+
 @torch.no_grad()
 def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Tensor], torch.Tensor],
                 group_size: int, grid: int = 20, max_shrink: float = 0.5, rows: int = 512,
-                normalize_tokens: bool = False) -> torch.Tensor:
+                normalize_tokens: bool = False,
+                refit_H: Optional[torch.Tensor] = None,
+                step: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     # (group-wise weight quantization only: each group's clip range is its own scale's range)
     """AWQ's weight clipping: per output row and group, the max |w| (shrunk by 1, 1 − 1/grid, …, 1 − max_shrink)
     that minimises the group's own output error ‖X_g W_gᵀ − X_g Q(clip(W_g))ᵀ‖² on `rows` calibration rows
-    (normalize_tokens: rows of unit norm, as in awq_search). Returns the clipped weight (quantize it with the same quantizer; min-max then lands on the chosen range)."""
-    x = x.float()
-    if x.shape[0] > rows:
-        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
-    if normalize_tokens:
-        x = unit_rows(x)
+    (normalize_tokens: rows of unit norm, as in awq_search). Returns the clipped weight (quantize it with the same
+    quantizer; min-max then lands on the chosen range).
+
+    refit_H [K, K] (with step(W_g) -> the quantizer's scale [N, 1] of a group): score each candidate as the scale
+    refit that follows will see it: the candidate only picks the RTN codes c = Q(clip(W_g)) / step, and the group
+    scale t is then the least-squares one on H's diagonal block H_g, so the error is
+    min_t (w − t c) H_g (w − t c)ᵀ = w H_g wᵀ − (c H_g wᵀ)² / (c H_g cᵀ) (x and rows unused)."""
     with _few_threads(w.device):  # hundreds of small ops: see refit_scales
+        if refit_H is not None:
+            return _clip_groups(None, w.float(), fq_weight, group_size, grid, max_shrink, refit_H.float(), step)
+        x = x.float()
+        if x.shape[0] > rows:
+            x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+        if normalize_tokens:
+            x = unit_rows(x)
         return _clip_groups(x, w.float(), fq_weight, group_size, grid, max_shrink)
 
 
-def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink) -> torch.Tensor:
+def refit_clip_error(wg: torch.Tensor, q: torch.Tensor, step: torch.Tensor, Hg: torch.Tensor) -> torch.Tensor:
+    """Per row of one group: (w − t c) H_g (w − t c)ᵀ at the least-squares t for the codes c = round(q / step)
+    (q = the RTN Ŵ_g, step [N, 1] its scale); rows where that t is not positive keep the RTN error of q."""
+    c = torch.round(q / step.clamp(min=1e-30))
+    cH = c @ Hg
+    num, den = (cH * wg).sum(1), (cH * c).sum(1)
+    whw = ((wg @ Hg) * wg).sum(1)
+    d = wg - q
+    rtn = ((d @ Hg) * d).sum(1)
+    ok = (den > 0) & (num > 0)
+    opt = whw - num.pow(2) / den.clamp(min=1e-30)
+    return torch.where(ok, torch.minimum(opt, rtn), rtn)
+
+
+def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink, refit_H=None, step=None) -> torch.Tensor:
     out = w.clone()
     n, k = w.shape
     for g0 in range(0, k, group_size):
-        wg, xg = w[:, g0:g0 + group_size], x[:, g0:g0 + group_size]
-        gram = xg.t() @ xg  # each row's error ‖X_g (w − q)ᵀ‖² = (w − q) X_gᵀX_g (w − q)ᵀ
+        wg = w[:, g0:g0 + group_size]
+        if refit_H is None:
+            xg = x[:, g0:g0 + group_size]
+            gram = xg.t() @ xg  # each row's error ‖X_g (w − q)ᵀ‖² = (w − q) X_gᵀX_g (w − q)ᵀ
+        else:
+            gram = refit_H[g0:g0 + group_size, g0:g0 + group_size]
         amax = wg.abs().amax(dim=1, keepdim=True)
         best_err = torch.full((n,), float("inf"), device=w.device)
         best = wg.clone()
@@ -194,8 +261,11 @@ def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink) -> torch.Tensor:
             m = amax * (1 - i / grid)
             cand = wg.clamp(-m, m)
             q = fq_weight(cand)  # one group of the spec's group size: quantized exactly as inside W
-            d = wg - q
-            err = ((d @ gram) * d).sum(dim=1) / xg.shape[0]
+            if refit_H is None:
+                d = wg - q
+                err = ((d @ gram) * d).sum(dim=1) / xg.shape[0]
+            else:
+                err = refit_clip_error(wg, q, step(cand), gram)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best[better] = cand[better]

@@ -205,7 +205,11 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                 row["smoothquant_alpha"][prod] = alpha
         if method == "awq":
             row["awq_alpha"] = {}
+            done: list[str] = []  # consumers already scaled / clipped / refit in this layer
             for prod, cons in groups:
+                if cfg.awq.sequential_inputs and done:
+                    inputs.rows[prod] = _awq_recapture(layer, lw, masks, mine, done, cons[0], spec, new_observer)
+                done += list(cons)
                 producer = layer.get_submodule(prod)
                 foldable = not (isinstance(producer, nn.Linear)
                                 and producer.out_features != mine[cons[0]].in_features)
@@ -222,9 +226,7 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                     s, rec = awq_.awq_search(x, ws, _weight_fake_quant(spec, new_observer), cfg.awq.grid,
                                              "both" if cfg.awq.both_scalings else cfg.awq.duo_scaling,
                                              spec.group_size, cfg.awq.normalize_tokens,
-                                             score=awq_.layer_score(layer, lw, masks, ref, [mine[c] for c in cons],
-                                                                    cfg.awq.loss_batches)
-                                             if cfg.awq.loss == "layer" else None,
+                                             score=_awq_score(cfg, layer, lw, masks, ref, mine, prod, cons, x),
                                              fq_for=awq_.refit_quantizer(x, spec, new_observer, cfg.awq.refit_damp)
                                              if cfg.awq.refit_scales and cfg.awq.refit_in_search else None,
                                              tie=tie)
@@ -234,12 +236,16 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                     sq.fold_scales(producer, [mine[c] for c in cons], s, prev_s=s_v)
                     row["awq_alpha"][prod] = rec["alpha"]
                     x = x / s.to(x.device)  # the consumers now read X / s
+                # clip_refit: score the clip candidates by the least-squares group scale the refit will give them
+                refit_H = (awq_.refit_gram(x, cfg.awq.refit_damp)
+                           if cfg.awq.clip and cfg.awq.refit_scales and cfg.awq.clip_refit else None)
                 for c in cons:
                     w = mine[c].weight
                     if cfg.awq.clip and spec.granularity == "group" and not c.endswith(("q_proj", "k_proj")):
                         # AutoAWQ leaves q/k unclipped: attention logits amplify their error
                         w.copy_(awq_.clip_search(x, w, _weight_fake_quant(spec, new_observer), spec.group_size,
-                                                 normalize_tokens=cfg.awq.normalize_tokens).to(w.dtype))
+                                                 normalize_tokens=cfg.awq.normalize_tokens, refit_H=refit_H,
+                                                 step=_weight_step(spec, new_observer)).to(w.dtype))
                     if cfg.awq.refit_scales:
                         w.copy_(awq_.refit_scales(x, w, spec, new_observer, cfg.awq.refit_rounds,
                                                   cfg.awq.refit_damp).to(w.dtype))
@@ -321,6 +327,59 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
     return result
 
 
+def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -> list[torch.Tensor]:
+    """The real-token input rows of `consumer`, per batch, with the Linears `done` at their final RTN weights
+    (then put back): AWQ's later groups searched on the inputs the quantized earlier sublayers produce."""
+    saved = {rel: mine[rel].weight.detach().clone() for rel in done}
+    fq = _weight_fake_quant(spec, new_observer)
+    got: list[torch.Tensor] = []
+
+    def hook(module, args):
+        got.append(_rows(args[0], masks[lw.current]).detach().float())
+        raise _Stop
+
+    h = mine[consumer].register_forward_pre_hook(hook)
+    try:
+        for rel in done:
+            mine[rel].weight.copy_(fq(saved[rel].float()).to(saved[rel].dtype))
+        for b in range(len(lw.batches)):
+            lw.current = b
+            try:
+                layer(lw.hidden[b], **lw.kwargs[b])
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+        lw.current = None
+        for rel, w in saved.items():
+            mine[rel].weight.copy_(w)
+    return got
+
+
+def _awq_score(cfg: QuantizeConfig, layer, lw, masks, ref, mine, prod, cons, x):
+    """awq_search's `score` for cfg.awq.loss (None: the group's own Linear outputs)."""
+    lins = [mine[c] for c in cons]
+    if cfg.awq.loss == "layer":
+        return awq_.layer_score(layer, lw, masks, ref, lins, cfg.awq.loss_batches)
+    if cfg.awq.loss != "block":
+        return None
+    if prod == "post_attention_layernorm" and hasattr(layer, "mlp") and "mlp.down_proj" in mine:
+        rows = x[torch.linspace(0, x.shape[0] - 1, min(cfg.awq.block_tokens, x.shape[0])).long().to(x.device)]
+        return awq_.block_score(lambda i: layer.mlp(rows), [0], lins)
+    if prod == "input_layernorm" and "self_attn.o_proj" in mine:
+        o = mine["self_attn.o_proj"]
+        picks = awq_.spread_batches([int(m.sum()) for m in masks], cfg.awq.block_tokens)
+
+        def attn_out(b):
+            lw.current = b
+            try:
+                return o(_rows(_upto(layer, o, lw.hidden[b], **lw.kwargs[b]), masks[b]))
+            finally:
+                lw.current = None
+        return awq_.block_score(attn_out, picks, lins)
+    return None  # o_proj, down_proj: their block is the Linear itself
+
+
 def _grab(inputs: _Inputs, absmax: dict, key: str, masks, lw):
     def hook(module, args):
         x = _rows(args[0], masks[lw.current])
@@ -339,6 +398,11 @@ def _observe(obs: Observer, masks, lw):
 
 def _weight_fake_quant(spec: QuantSpec, new_observer) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: fake_quantize(w, *weight_qparams(w, spec, new_observer(spec)), spec)
+
+
+def _weight_step(spec: QuantSpec, new_observer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """W [N, k ≤ group_size] (one group) -> the quantizer's scale [N, 1] for it."""
+    return lambda w: weight_qparams(w, spec, new_observer(spec))[0].reshape(w.shape[0], -1)[:, :1]
 
 
 def _upto(module: nn.Module, stop_at: nn.Module, *args, **kwargs) -> torch.Tensor:

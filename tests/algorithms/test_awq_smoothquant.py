@@ -180,3 +180,94 @@ def test_fold_scales_tied_producer_leaves_function_unchanged():
     with torch.no_grad():
         sq.fold_scales(prev, [cons], s, prev_s=torch.ones(6).index_copy_(0, tie, s))
     torch.testing.assert_close(cons(prev(x)[:, tie]), y0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_refit_clip_error_is_the_least_squares_group_scale_error(symmetric):
+    """refit_clip_error: the error of the candidate's RTN codes at the best group scale t, checked against
+    the closed form of a hand-solved 1-D least squares and against a dense scan over t."""
+    from llmcompress.quant.awq import refit_clip_error, refit_gram
+
+    spec = QuantSpec("int4", symmetric, "group", 32)
+    obs = make_observer("minmax", spec)
+    x = _activations(256, 32, 1)
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(1)).double()
+    H = refit_gram(x).double()
+    scale, _ = weight_qparams(w.float(), spec, obs)
+    q = _fq(spec)(w.float()).double()
+    err = refit_clip_error(w, q, scale.double(), H)
+    for r in range(w.shape[0]):
+        c = torch.round(q[r] / scale[r].double())
+        t = float(c @ H @ w[r]) / float(c @ H @ c)  # d/dt (w − t c) H (w − t c)ᵀ = 0
+        d = w[r] - t * c
+        assert float(err[r]) == pytest.approx(float(d @ H @ d), rel=1e-6, abs=1e-12)
+        ts = torch.linspace(0.5 * t, 1.5 * t, 2001, dtype=torch.float64)
+        scan = min(float((w[r] - tt * c) @ H @ (w[r] - tt * c)) for tt in ts)
+        assert float(err[r]) <= scan + 1e-12
+        rtn = float((w[r] - q[r]) @ H @ (w[r] - q[r]))
+        assert float(err[r]) <= rtn + 1e-12  # the min-max scale is one of the t's
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_clip_search_refit_scored_never_worse_per_group(symmetric):
+    """clip_search with refit_H: per row and group, the chosen clip's refit-scored error is at most the
+    unclipped weights' (shrink 1 is a candidate), and clipping does find something better somewhere."""
+    from llmcompress.quant.awq import clip_search, refit_clip_error, refit_gram
+
+    spec = QuantSpec("int4", symmetric, "group", 64)
+    obs = make_observer("minmax", spec)
+    step = lambda v: weight_qparams(v, spec, obs)[0].reshape(v.shape[0], -1)[:, :1]  # noqa: E731
+    g = torch.Generator().manual_seed(4)
+    x = _activations(400, 200, 4)
+    w = torch.randn(32, 200, generator=g)
+    w[:, 3] *= 6
+    H = refit_gram(x)
+    c = clip_search(x, w, _fq(spec), 64, refit_H=H, step=step)
+    assert (c.abs() <= w.abs() + 1e-6).all() and not torch.equal(c, w)
+    for g0 in range(0, 200, 64):  # ragged last group of 8 too
+        ws, cs, Hg = w[:, g0:g0 + 64], c[:, g0:g0 + 64], H[g0:g0 + 64, g0:g0 + 64]
+        e = lambda v: refit_clip_error(ws, _fq(spec)(v), step(v), Hg)  # noqa: E731
+        assert (e(cs) <= e(ws) * (1 + 1e-5) + 1e-9).all()
+
+
+class _MLP(nn.Module):
+    def __init__(self, k, m, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(k, m, False), nn.Linear(k, m, False), nn.Linear(m, k, False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@torch.no_grad()
+def test_awq_block_score_is_the_mlp_output_error_by_hand():
+    """loss=block for gate/up: mean squared error of the MLP output (down_proj in float) with the candidate
+    gate/up weights, by hand; the module's weights are restored; awq_search on it never loses to s = 1."""
+    from llmcompress.quant.awq import block_score
+
+    mlp = _MLP(96, 160, 0)
+    x = _activations(128, 96, 5)
+    spec = QuantSpec("int4", True, "group", 32)
+    lins = [mlp.gate_proj, mlp.up_proj]
+    w0 = [lin.weight.clone() for lin in lins]
+    score = block_score(lambda i: mlp(x), [0], lins)
+    g_hat, u_hat = _fq(spec)(w0[0]), _fq(spec)(w0[1])
+    want = mlp.down_proj(nn.functional.silu(x @ g_hat.t()) * (x @ u_hat.t())) - mlp(x)
+    got = score([g_hat, u_hat])
+    assert got == pytest.approx(float(want.double().pow(2).mean()), rel=1e-5)
+    assert all(torch.equal(lin.weight, w) for lin, w in zip(lins, w0))
+    assert score(w0) == 0.0
+    s, rec = awq_search(x, w0, _fq(spec), grid=8, duo_scaling="both", group_size=32, score=score)
+    assert rec["loss"] <= rec["loss_unscaled"]
+    assert score([_fq(spec)(w * s) / s for w in w0]) == pytest.approx(rec["loss"], rel=1e-9)
+
+
+def test_awq_spread_batches_reaches_the_token_target():
+    from llmcompress.quant.awq import spread_batches
+
+    toks = [10, 20, 30, 40, 50, 60, 70, 80]
+    p = spread_batches(toks, 100)
+    assert sum(toks[b] for b in p) >= 100 and p == sorted(set(p)) and p[-1] == 7
+    assert spread_batches(toks, 10_000) == list(range(8))
+    assert spread_batches(toks, 1) == [7]
