@@ -165,8 +165,7 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
 // W warps per block; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps).
-// UNIT: codes as 1 + u/16 and the zero point removed by a second mma (Slot::unit_codes), results times 16.
-template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool UNIT = false>
+template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>
 __global__ void __launch_bounds__(W * 32, MINB)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
@@ -226,20 +225,9 @@ __global__ void __launch_bounds__(W * 32, MINB)
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       uint32_t a[4];
-      if constexpr (UNIT) {
-        uint32_t z[4];
-        sl.unit_codes(s, a);
-        sl.zero_frag(z);
+      sl.codes(s, a);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          Mma<T>::mma(part[mt], z, b[mt][s][0], b[mt][s][1]);
-          Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
-        }
-      } else {
-        sl.codes(s, a);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
-      }
+      for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -288,7 +276,6 @@ __global__ void __launch_bounds__(W * 32, MINB)
   cp_async_wait<0>();
 
   reduce_warps_store<W, MT>(acc, nt, m0, M, N, [&](int row, int tok, float v) {
-    if (UNIT) v *= 16.f;  // the codes were u / 16
     if (bias != nullptr) v += to_float(bias[row]);
     out[(int64_t)tok * N + row] = from_float<T>(v);
   });
@@ -484,11 +471,9 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       C10_CUDA_CHECK(cudaGetDevice(&dev));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
       const bool wide = env_int("LLMC_W4_GEMV_WIDE", (N + 15) / 16 <= 2 * sms ? 1 : 0) != 0;
-      const bool unit = env_int("LLMC_W4_GEMV_UNIT", 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
         if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 4>, 1, 2, 8);
-        else if (M <= 8 && unit) go(w4a16_gemv<T, 1, 4, Z, 4, 4, true>, 1, 4, 4);
         else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4, 4);
         else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
       };

@@ -7,7 +7,6 @@
 #include <mutex>
 #include <set>
 #include <tuple>
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -41,27 +40,6 @@ struct Slot {
     const uint32_t zz1 = Mma<T>::pair(Mma<T>::kBias + float(z1), Mma<T>::kBias + float(z1));
 #pragma unroll
     for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(nibbles_or_magic(word >> (4 * r)), (r & 1) ? zz1 : zz0);
-  }
-  // The A fragment of k-step s as 1 + u/16 in each half (exact in bf16 and fp16: u lands in the top four
-  // mantissa bits), zero point NOT removed: the gemv kernel removes it with a second mma against zero_frag(), so
-  // each register costs a shift and a LOP3 instead of a shift, a LOP3 and a subtraction. With the bias at 1 the
-  // two products cancel no worse than the codes themselves would round (128 + u would cancel 9x worse).
-  __device__ __forceinline__ void unit_codes(int s, uint32_t* a) const {
-    const uint32_t word = s == 0 ? q.x : s == 1 ? q.y : s == 2 ? q.z : q.w;
-    constexpr bool bf = std::is_same<T, __nv_bfloat16>::value;
-    constexpr int top = bf ? 3 : 6;  // lowest bit of the top four mantissa bits
-    constexpr uint32_t mask = 0xFu << top | 0xFu << (16 + top), one = bf ? 0x3F803F80u : 0x3C003C00u;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const uint32_t v = 4 * r <= top ? word << (top - 4 * r) : word >> (4 * r - top);
-      asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(a[r]) : "r"(v), "n"(mask), "r"(one));
-    }
-  }
-  // The A fragment whose mma subtracts (1 + z/16) * sum_k x from rows g and g + 8: every k of a row is -(1 + z/16).
-  __device__ __forceinline__ void zero_frag(uint32_t* a) const {
-    const float b0 = -1.f - float(z0) * 0.0625f, b1 = -1.f - float(z1) * 0.0625f;
-    a[0] = a[2] = Mma<T>::pair(b0, b0);
-    a[1] = a[3] = Mma<T>::pair(b1, b1);
   }
 
  private:
