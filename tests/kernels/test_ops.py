@@ -373,18 +373,20 @@ def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("pipe", ["0", "1"])
-def test_cuda_w8a8_decode_loops(pipe, monkeypatch):
-    """The W8A8 decode loops (LLMC_W8_DECODE_PIPE: plain, or two banks of two chunks), exact int32
-    products: K of 1 chunk (fewer than the warps) and of 21 (not a multiple of a round), ragged N."""
+@pytest.mark.parametrize("pipe,pair", [("0", "0"), ("1", "0"), ("1", "1")])
+def test_cuda_w8a8_decode_loops(pipe, pair, monkeypatch):
+    """The W8A8 decode loops (LLMC_W8_DECODE_PIPE: plain, or two banks of two chunks; LLMC_W8_DECODE_PAIR: two
+    feature tiles per block), exact int32 products: K of 1 chunk (fewer than the warps) and of 21 (not a
+    multiple of a round), ragged N (N = 40: the last block's second tile lies wholly past N)."""
     monkeypatch.setenv("LLMC_W8_DECODE_PIPE", pipe)
+    monkeypatch.setenv("LLMC_W8_DECODE_PAIR", pair)
     for m, k, n in [(1, 64, 40), (3, 1344, 264), (8, 1344, 17), (16, 1344, 264)]:
         xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
         xs, ws = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
         y = ops.w8a8_mm(xq, xs, w, ws, None, torch.float32)
         y_ref = ref.w8a8_mm(xq.cpu(), xs.cpu(), w.cpu(), ws.cpu(), None, torch.float64, torch.float64)
-        assert rel_err(y.cpu(), y_ref) < TOL[torch.float32], (pipe, m, k, n)
+        assert rel_err(y.cpu(), y_ref) < TOL[torch.float32], (pipe, pair, m, k, n)
 
 
 SM90 = CUDA and torch.cuda.get_device_capability()[0] == 9

@@ -140,6 +140,77 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
   });
 }
 
+// Decode with two 16-feature tiles per block (aligned shapes, many tiles): each activation load feeds the mmas
+// of both tiles, so every block reads the activations for 32 output features instead of 16. At M = 16 and
+// K = 8192 the 512 blocks of the one-tile kernel read 64 MB of activations from L2, as much as the weights.
+// Two banks of one chunk each (the registers of two tiles), three blocks per SM.
+template <typename TO, int MT>
+__global__ void __launch_bounds__(kWarps * 32, 3)
+    w8a8_decode_pair(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
+                     const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
+                     int64_t K) {
+  constexpr int NT = 2;
+  const int nt0 = blockIdx.x * NT, m0 = blockIdx.y * 8 * MT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int chunks = int(K / 64);
+  const uint4* wr[NT][2];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wr[j][h] = reinterpret_cast<const uint4*>(w + (int64_t)min((nt0 + j) * 16 + g + 8 * h, N - 1) * K) + t;
+  const uint4* xr[MT];
+  bool xv[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int tok = m0 + mt * 8 + g;
+    xv[mt] = tok < M;
+    xr[mt] = reinterpret_cast<const uint4*>(x + (int64_t)(xv[mt] ? tok : 0) * K) + t;
+  }
+  int acc[NT][MT][4] = {};
+  struct Bank {
+    uint4 w[NT][2], xb[MT];
+  };
+  auto load = [&](Bank& bk, int c) {
+    const bool in = c < chunks;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) bk.w[j][h] = in ? ld_stream(wr[j][h] + c * 4) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) bk.xb[mt] = in && xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
+  };
+  auto multiply = [&](const Bank& bk) {  // chunks past K hold zeros: multiplying them adds nothing
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint32_t a_lo[4] = {bk.w[j][0].x, bk.w[j][1].x, bk.w[j][0].y, bk.w[j][1].y};
+      const uint32_t a_hi[4] = {bk.w[j][0].z, bk.w[j][1].z, bk.w[j][0].w, bk.w[j][1].w};
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_s8(acc[j][mt], a_lo, bk.xb[mt].x, bk.xb[mt].y);
+        mma_s8(acc[j][mt], a_hi, bk.xb[mt].z, bk.xb[mt].w);
+      }
+    }
+  };
+  Bank b0, b1;
+  load(b0, warp);
+  for (int c0 = warp; c0 < chunks; c0 += 2 * kWarps) {
+    load(b1, c0 + kWarps);
+    multiply(b0);
+    load(b0, c0 + 2 * kWarps);
+    multiply(b1);
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    if (j > 0) __syncthreads();  // the reduction's shared buffer is read before it is refilled
+    reduce_warps_store<kWarps, MT>(acc[j], nt0 + j, m0, M, N, [&](int row, int tok, int v) {
+      float y = float(v) * xs[tok] * ws[row];
+      if (bias != nullptr) y += bias[row];
+      out[(int64_t)tok * N + row] = from_float<TO>(y);
+    });
+  }
+}
+
 template <typename TO>
 __global__ void scale_epilogue(const int* __restrict__ acc, const float* __restrict__ xs, const float* __restrict__ ws,
                                const float* __restrict__ bias, TO* __restrict__ out, int64_t M, int64_t N) {
@@ -170,7 +241,14 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   // (scripts/results/h100_w8_pipe): M = 16 30.1 against 33.1 us at 8192 x 8192 and 25.7 against 28.7 at
   // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
   const bool pipe = env_int("LLMC_W8_DECODE_PIPE", 1) != 0;
-  if (fast && M <= 8) pipe ? go(w8a8_decode<TO, 1, true, true>, 1) : go(w8a8_decode<TO, 1, true>, 1);
+  const int tiles = (N + 15) / 16;
+  if (fast && pipe && env_int("LLMC_W8_DECODE_PAIR", 0) != 0) {  // two feature tiles per block (sweep)
+    const dim3 grid((tiles + 1) / 2, (M + 15) / 16);
+    if (M <= 8) w8a8_decode_pair<TO, 1><<<dim3(grid.x, (M + 7) / 8), block, 0, stream>>>(
+        x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), w_q.data_ptr<int8_t>(), w_scale.data_ptr<float>(), bias, o, M, N, K);
+    else w8a8_decode_pair<TO, 2><<<grid, block, 0, stream>>>(
+        x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), w_q.data_ptr<int8_t>(), w_scale.data_ptr<float>(), bias, o, M, N, K);
+  } else if (fast && M <= 8) pipe ? go(w8a8_decode<TO, 1, true, true>, 1) : go(w8a8_decode<TO, 1, true>, 1);
   else if (fast && M <= 16) pipe ? go(w8a8_decode<TO, 2, true, true>, 2) : go(w8a8_decode<TO, 2, true>, 2);
   else if (M <= 8) go(w8a8_decode<TO, 1, false>, 1);
   else if (M <= 16) go(w8a8_decode<TO, 2, false>, 2);
