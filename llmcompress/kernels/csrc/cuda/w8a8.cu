@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
 // Decode with two 16-feature tiles per block (aligned shapes, M > 8): each activation load feeds the mmas
 // of both tiles, so every block reads the activations for 32 output features instead of 16. At M = 16 and
 // K = 8192 the 512 blocks of the one-tile kernel read 64 MB of activations from L2, as much as the weights.
-// Two banks of one chunk each (the registers of two tiles), three blocks per SM.
+// Two banks of one chunk each (the registers of two tiles), four blocks per SM.
 template <typename TO, int MT>
-__global__ void __launch_bounds__(kWarps * 32, 3)
+__global__ void __launch_bounds__(kWarps * 32, 4)
     w8a8_decode_pair(const int8_t* __restrict__ x, const float* __restrict__ xs, const int8_t* __restrict__ w,
                      const float* __restrict__ ws, const float* __restrict__ bias, TO* __restrict__ out, int M, int N,
                      int64_t K) {
@@ -241,7 +241,7 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   // (scripts/results/h100_w8_pipe): M = 16 30.1 against 33.1 us at 8192 x 8192 and 25.7 against 28.7 at
   // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
   const bool pipe = env_int("LLMC_W8_DECODE_PIPE", 1) != 0;
-  // Two feature tiles per block at M = 9..16 where their blocks fill the SMs in one wave (three per SM). On H100
+  // Two feature tiles per block at M = 9..16 where their blocks fill the SMs in one wave (four per SM). On H100
   // (scripts/results/h100_w8_pair): 8192 x 8192, M = 16: 27.0 against 29.7 us. Where that makes a second wave
   // (N = 14336: 28.1 against 25.3) or leaves SMs idle (N = 4096: 10.2 against 8.8) it loses; at M <= 8 it is
   // level. LLMC_W8_DECODE_PAIR=0/1 forces the choice (tests, sweeps).
@@ -249,7 +249,7 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   int dev = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const bool one_wave = (tiles + 1) / 2 >= sms && (tiles + 1) / 2 <= 3 * sms;
+  const bool one_wave = (tiles + 1) / 2 >= sms && (tiles + 1) / 2 <= 4 * sms;
   if (fast && pipe && env_int("LLMC_W8_DECODE_PAIR", M > 8 && one_wave ? 1 : 0) != 0) {
     const dim3 grid((tiles + 1) / 2, (M + 15) / 16);
     if (M <= 8) w8a8_decode_pair<TO, 1><<<dim3(grid.x, (M + 7) / 8), block, 0, stream>>>(
