@@ -242,9 +242,9 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
   const bool pipe = env_int("LLMC_W8_DECODE_PIPE", 1) != 0;
   // Two feature tiles per block at M = 9..16 where their blocks fill the SMs in one wave (four per SM). On H100
-  // (scripts/results/h100_w8_pair): 8192 x 8192, M = 16: 27.0 against 29.7 us. Where that makes a second wave
-  // (N = 14336: 28.1 against 25.3) or leaves SMs idle (N = 4096: 10.2 against 8.8) it loses; at M <= 8 it is
-  // level. LLMC_W8_DECODE_PAIR=0/1 forces the choice (tests, sweeps).
+  // (scripts/results/h100_w8_pair), M = 16: 8192 x 8192 27.1 against 29.7 us, 4096 x 14336 23.8 against 25.3.
+  // Where SMs would sit idle (N = 4096: 10.3 against 8.8) it loses; at M <= 8 it is level or worse.
+  // LLMC_W8_DECODE_PAIR=0/1 forces the choice (tests, sweeps).
   const int tiles = (N + 15) / 16;
   int dev = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
