@@ -32,6 +32,31 @@ __device__ __forceinline__ uint4 load16(const int8_t* p, int row, int rows, int6
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// This lane's activation rows for the decode kernels: token g of each 8-token tile, its 16-byte column t (chunk
+// c at + 4 c); rows past M read row 0 and are flagged invalid.
+template <int MT>
+struct TokenRows {
+  const uint4* r[MT];
+  bool v[MT];
+  __device__ __forceinline__ TokenRows(const int8_t* x, int m0, int g, int t, int M, int64_t K) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int tok = m0 + mt * 8 + g;
+      v[mt] = tok < M;
+      r[mt] = reinterpret_cast<const uint4*>(x + (int64_t)(v[mt] ? tok : 0) * K) + t;
+    }
+  }
+};
+
+// The fused epilogue: y = acc * x_scale[tok] * w_scale[row] + bias[row] in the output dtype.
+template <typename TO>
+__device__ __forceinline__ void store_scaled(TO* out, const float* xs, const float* ws, const float* bias, int N,
+                                             int row, int tok, int v) {
+  float y = float(v) * xs[tok] * ws[row];
+  if (bias != nullptr) y += bias[row];
+  out[(int64_t)tok * N + row] = from_float<TO>(y);
+}
+
 // kAligned (K % 64 == 0, 16-byte aligned rows, K < 2^30) is the decode fast path: 32-bit indexing, rows
 // clamped instead of bounds-checked per load, and few enough registers for four blocks per SM (one wave at
 // N = 8192). Otherwise every 16-byte load checks its row and columns (ragged K, any alignment).
@@ -52,14 +77,9 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
   // aligned path: this lane's 16-byte column of rows g, g + 8 and of its tokens, chunk c at + 4 c
   const uint4* w0 = reinterpret_cast<const uint4*>(w + (int64_t)min(row0, N - 1) * K) + t;
   const uint4* w1 = reinterpret_cast<const uint4*>(w + (int64_t)min(row1, N - 1) * K) + t;
-  const uint4* xr[MT];
-  bool xv[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int tok = m0 + mt * 8 + g;
-    xv[mt] = tok < M;
-    xr[mt] = reinterpret_cast<const uint4*>(x + (int64_t)(xv[mt] ? tok : 0) * K) + t;
-  }
+  const TokenRows<MT> tr(x, m0, g, t, M, K);
+  const uint4* const* xr = tr.r;
+  const bool* xv = tr.v;
   int acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
@@ -134,9 +154,7 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
   }
 
   reduce_warps_store<kWarps, MT>(acc, nt, m0, M, N, [&](int row, int tok, int v) {
-    float y = float(v) * xs[tok] * ws[row];
-    if (bias != nullptr) y += bias[row];
-    out[(int64_t)tok * N + row] = from_float<TO>(y);
+    store_scaled(out, xs, ws, bias, N, row, tok, v);
   });
 }
 
@@ -159,14 +177,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       wr[j][h] = reinterpret_cast<const uint4*>(w + (int64_t)min((nt0 + j) * 16 + g + 8 * h, N - 1) * K) + t;
-  const uint4* xr[MT];
-  bool xv[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int tok = m0 + mt * 8 + g;
-    xv[mt] = tok < M;
-    xr[mt] = reinterpret_cast<const uint4*>(x + (int64_t)(xv[mt] ? tok : 0) * K) + t;
-  }
+  const TokenRows<MT> tr(x, m0, g, t, M, K);
+  const uint4* const* xr = tr.r;
+  const bool* xv = tr.v;
   int acc[NT][MT][4] = {};
   struct Bank {
     uint4 w[NT][2], xb[MT];
@@ -204,9 +217,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   for (int j = 0; j < NT; ++j) {
     if (j > 0) __syncthreads();  // the reduction's shared buffer is read before it is refilled
     reduce_warps_store<kWarps, MT>(acc[j], nt0 + j, m0, M, N, [&](int row, int tok, int v) {
-      float y = float(v) * xs[tok] * ws[row];
-      if (bias != nullptr) y += bias[row];
-      out[(int64_t)tok * N + row] = from_float<TO>(y);
+      store_scaled(out, xs, ws, bias, N, row, tok, v);
     });
   }
 }
