@@ -79,6 +79,12 @@ def configurations() -> dict[str, dict]:
                                 "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.clip=true"]}
         c[f"awq_{lay}_refit"] = {"label": f"AWQ W4A16 {lay} (defaults: both scalings, clip, scale refit, "
                                           "o_proj clipped + refit)", "set": W4 + over + ["method=awq"]}
+        for key, ov, what in (("cliprefit", "awq.clip_refit=true", "clip candidates scored after the scale refit"),
+                              ("block", "awq.loss=block", "α scored on the attention / MLP block output"),
+                              ("seqin", "awq.sequential_inputs=true", "groups on the quantized earlier groups' "
+                                                                      "outputs")):
+            c[f"awq_{lay}_{key}"] = {"label": f"AWQ W4A16 {lay} (defaults + {what})",
+                                     "set": W4 + over + ["method=awq", ov]}
         c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",
                                 "set": W4 + over + ["method=awq"] + OLD_AWQ + [
                                     "awq.duo_scaling=false", "awq.gptq=true", "gptq.act_order=true",
