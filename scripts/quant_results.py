@@ -82,7 +82,8 @@ def configurations() -> dict[str, dict]:
         for key, ov, what in (("cliprefit", "awq.clip_refit=true", "clip candidates scored after the scale refit"),
                               ("block", "awq.loss=block", "α scored on the attention / MLP block output"),
                               ("seqin", "awq.sequential_inputs=true", "groups on the quantized earlier groups' "
-                                                                      "outputs")):
+                                                                      "outputs"),
+                              ("cliptok", "awq.clip_tokens=4096", "clip search on 4,096 rows, not 512")):
             c[f"awq_{lay}_{key}"] = {"label": f"AWQ W4A16 {lay} (defaults + {what})",
                                      "set": W4 + over + ["method=awq", ov]}
         c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",

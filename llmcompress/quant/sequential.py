@@ -244,7 +244,8 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                     if cfg.awq.clip and spec.granularity == "group" and not c.endswith(("q_proj", "k_proj")):
                         # AutoAWQ leaves q/k unclipped: attention logits amplify their error
                         w.copy_(awq_.clip_search(x, w, _weight_fake_quant(spec, new_observer), spec.group_size,
-                                                 normalize_tokens=cfg.awq.normalize_tokens, refit_H=refit_H,
+                                                 rows=cfg.awq.clip_tokens, normalize_tokens=cfg.awq.normalize_tokens,
+                                                 refit_H=refit_H,
                                                  step=_weight_step(spec, new_observer)).to(w.dtype))
                     if cfg.awq.refit_scales:
                         w.copy_(awq_.refit_scales(x, w, spec, new_observer, cfg.awq.refit_rounds,
