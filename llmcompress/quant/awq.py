@@ -15,6 +15,7 @@ usual. s = 1 (no scaling) is always a candidate, so the search never returns a w
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -145,11 +146,8 @@ def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: 
 
     @torch.no_grad()
     def score(w_hat: list[torch.Tensor]) -> float:
-        saved = [lin.weight.detach().clone() for lin in lins]
         err, n = 0.0, 0
-        try:
-            for lin, w in zip(lins, w_hat):
-                lin.weight.copy_(w.to(lin.weight.dtype))
+        with _weights_swapped(lins, w_hat):
             for b in picks:
                 lw.current = b
                 out = layer(lw.hidden[b], **lw.kwargs[b])
@@ -157,9 +155,6 @@ def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: 
                 d = (out.float() - ref[b].float())[masks[b].to(out.device)]
                 err += float(d.pow(2).sum())
                 n += d.numel()
-        finally:
-            for lin, w in zip(lins, saved):
-                lin.weight.copy_(w)
         return err / max(n, 1)
     return score
 
@@ -176,20 +171,27 @@ def block_score(run: Callable[[int], torch.Tensor], items: Sequence[int],
 
     @torch.no_grad()
     def score(w_hat: list[torch.Tensor]) -> float:
-        saved = [lin.weight.detach().clone() for lin in lins]
         err, n = 0.0, 0
-        try:
-            for lin, w in zip(lins, w_hat):
-                lin.weight.copy_(w.to(lin.weight.dtype))
+        with _weights_swapped(lins, w_hat):
             for i in items:
                 d = run(i).double() - ref[i]
                 err += float(d.pow(2).sum())
                 n += d.numel()
-        finally:
-            for lin, w in zip(lins, saved):
-                lin.weight.copy_(w)
         return err / max(n, 1)
     return score
+
+
+@contextmanager
+def _weights_swapped(lins: Sequence[torch.nn.Linear], w_hat: Sequence[torch.Tensor]):
+    """The Linears hold the candidate weights inside the block, their own again after it (even on error)."""
+    saved = [lin.weight.detach().clone() for lin in lins]
+    try:
+        for lin, w in zip(lins, w_hat):
+            lin.weight.copy_(w.to(lin.weight.dtype))
+        yield
+    finally:
+        for lin, w in zip(lins, saved):
+            lin.weight.copy_(w)
 
 
 def spread_batches(n_tokens: Sequence[int], target: int) -> list[int]:
