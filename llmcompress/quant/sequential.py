@@ -343,12 +343,7 @@ def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -
     try:
         for rel in done:
             mine[rel].weight.copy_(fq(saved[rel].float()).to(saved[rel].dtype))
-        for b in range(len(lw.batches)):
-            lw.current = b
-            try:
-                layer(lw.hidden[b], **lw.kwargs[b])
-            except _Stop:
-                pass
+        _run_until_stop(layer, lw)
     finally:
         h.remove()
         lw.current = None
@@ -379,6 +374,16 @@ def _awq_score(cfg: QuantizeConfig, layer, lw, masks, ref, mine, prod, cons, x):
                 lw.current = None
         return awq_.block_score(attn_out, picks, lins)
     return None  # o_proj, down_proj: their block is the Linear itself
+
+
+def _run_until_stop(layer: nn.Module, lw) -> None:
+    """Every calibration batch through `layer`, each cut short where a hook raises _Stop."""
+    for b in range(len(lw.batches)):
+        lw.current = b
+        try:
+            layer(lw.hidden[b], **lw.kwargs[b])
+        except _Stop:
+            pass
 
 
 def _grab(inputs: _Inputs, absmax: dict, key: str, masks, lw):
@@ -500,12 +505,7 @@ def _hessians(layer, lw, masks, mine, stage, normalize: bool = False) -> dict[st
 
     handles = [mine[cons[0]].register_forward_pre_hook(make(prod, cons[0] == last)) for prod, cons in stage]
     try:
-        for b in range(len(lw.batches)):
-            lw.current = b
-            try:
-                layer(lw.hidden[b], **lw.kwargs[b])
-            except _Stop:
-                pass
+        _run_until_stop(layer, lw)
     finally:
         for h in handles:
             h.remove()
