@@ -8,6 +8,7 @@
 //   C (16 x 8, fp32 or int32):      c0, c1 = C[g][2t, 2t + 1],  c2, c3 = C[g + 8][2t, 2t + 1]
 #pragma once
 
+#include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -19,6 +20,19 @@ namespace llmc::cuda {
 inline int env_int(const char* name, int fallback) {
   const char* env = std::getenv(name);
   return env != nullptr ? std::atoi(env) : fallback;
+}
+
+// Host: the multiprocessor count of the current device (cached per device).
+inline int sm_count() {
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (cache[dev] == 0) {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cache[dev] = sms > 0 ? sms : 1;
+  }
+  return cache[dev];
 }
 
 constexpr int kWarps = 8;  // warps per block; they split K of one 16-feature tile

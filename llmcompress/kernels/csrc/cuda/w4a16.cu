@@ -467,9 +467,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       // (scripts/results/h100_gemv_sweep) M = 1 at 4096 x 4096: 6.6 against 7.2 us; 14336 x 4096: 18.4 against
       // 18.8. With more tiles it loses (8192 x 8192: 19.9 against 18.0), and at M = 9-16 (8.4 against 7.5 at
       // 4096 x 4096). LLMC_W4_GEMV_WIDE=0/1 forces the choice (tests, sweeps).
-      int dev = 0, sms = 0;
-      C10_CUDA_CHECK(cudaGetDevice(&dev));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      const int sms = sm_count();
       const bool wide = env_int("LLMC_W4_GEMV_WIDE", (N + 15) / 16 <= 2 * sms ? 1 : 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;

@@ -257,9 +257,7 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   // Where SMs would sit idle (N = 4096: 10.3 against 8.8) it loses; at M <= 8 it is level or worse.
   // LLMC_W8_DECODE_PAIR=0/1 forces the choice (tests, sweeps).
   const int tiles = (N + 15) / 16;
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = sm_count();
   const bool one_wave = (tiles + 1) / 2 >= sms && (tiles + 1) / 2 <= 4 * sms;
   if (fast && pipe && env_int("LLMC_W8_DECODE_PAIR", M > 8 && one_wave ? 1 : 0) != 0) {
     const dim3 grid((tiles + 1) / 2, (M + 15) / 16);
