@@ -1,0 +1,169 @@
+"""W4A16 decode-kernel lab (H100; nvcc only, no extension build): standalone CUDA-graph timings of the register gemv
+kernel of llmcompress/kernels/csrc/cuda/w4a16.cu, taken from that file as it is now, 8192 x 8192 and the issue's
+other shapes, bf16, g128 symmetric, 10 rotating weight copies (> 2x L2), median of 7 replays of 40 launches.
+
+    python scripts/lab/gemv_lab.py --ablate     # the kernel with its activation copies / scale loads / arithmetic cut
+    python scripts/lab/gemv_lab.py --ring       # against the shared-memory ring kernel of gemv_ring_kernel.cuh
+    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/rf scripts/lab/read_floor.cu && /tmp/rf
+
+The ablated kernels compute nothing useful; they only show where the time goes (scripts/results/h100_s6_gemv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
+GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>"
+GEMV_END = "// Mid-size M (prefill of short prompts"
+
+HEAD = """#include <cstdio>
+#include <vector>
+#include <algorithm>
+#include "common.cuh"
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("err %s line %d\\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+namespace llmc::cuda {
+"""
+
+HARNESS = """
+}  // namespace llmc::cuda
+using namespace llmc::cuda;
+typedef __nv_bfloat16 B;
+typedef void (*Gemv)(const B*, const uint4*, const float*, const uint8_t*, const B*, B*, int, int, int, int, int, int);
+typedef void (*Ring)(const B*, const uint4*, const float*, const uint8_t*, const B*, B*, int, int, int, int, int, int, int);
+int main() {
+  const int NB = 10;
+  int shapes[4][2] = {{8192, 8192}, {4096, 4096}, {4096, 14336}, {14336, 4096}};
+  for (auto& sh : shapes) {
+    const int K = sh[0], N = sh[1], G = K / 128, chunks = K / 64;
+    std::vector<uint4*> wq(NB); std::vector<float*> sc(NB);
+    for (int i = 0; i < NB; ++i) {
+      CK(cudaMalloc(&wq[i], (size_t)N * K / 2)); CK(cudaMemset(wq[i], 0x11 * (i + 1), (size_t)N * K / 2));
+      CK(cudaMalloc(&sc[i], (size_t)N * G * 4)); CK(cudaMemset(sc[i], 0, (size_t)N * G * 4));
+    }
+    B *x, *out; CK(cudaMalloc(&x, 16 * K * 2)); CK(cudaMemset(x, 0, 16 * K * 2)); CK(cudaMalloc(&out, 16 * N * 2));
+    cudaStream_t st; CK(cudaStreamCreate(&st));
+    auto run = [&](const char* name, int M, const void* kernel, int threads, int smem, int mt, bool ring) {
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+      cudaGraph_t g; cudaGraphExec_t ge;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      const int xrows = std::min(M, 8 * mt);
+      for (int r = 0; r < 4; ++r)
+        for (int i = 0; i < NB; ++i) {
+          if (ring) ((Ring)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks, xrows);
+          else ((Gemv)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks);
+        }
+      CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
+      cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
+      std::vector<float> ts;
+      for (int rep = 0; rep < 7; ++rep) {
+        CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st);
+        CK(cudaEventSynchronize(e1)); float ms; cudaEventElapsedTime(&ms, e0, e1); ts.push_back(ms * 1000 / (4 * NB));
+      }
+      std::sort(ts.begin(), ts.end());
+      printf("%5dx%-5d M=%2d %-28s %7.2f us\\n", K, N, M, name, ts[3]);
+      cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
+    };
+    for (int M : {1, 4, 8, 16}) {
+      const int mt = M <= 8 ? 1 : 2, xr = std::min(M, 8 * mt);
+      auto rs = [&](int S, int W) { return W * S * (40 + xr * 8) * 16 + 16; };
+      (void)rs;
+@RUNS@
+    }
+    for (int i = 0; i < NB; ++i) { cudaFree(wq[i]); cudaFree(sc[i]); }
+    if (@ONE@) break;  // the ablation runs 8192 x 8192 only
+  }
+  return 0;
+}
+"""
+
+ABLATE_RUNS = """      if (M != 1 && M != 16) continue;
+#define G1(ABL, name) run(name, M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4, ABL>, 128, 4 * 2 * 4 * 64 * 16, 1, false)
+#define G2(ABL, name) run(name, M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 4, ABL>, 128, 4 * 2 * 3 * 2 * 64 * 16, 2, false)
+      if (M == 1) {
+        G1(0, "full (U4 W4)"); G1(1, "no activation copies"); G1(2, "no scale loads"); G1(3, "no act. copies, no scales");
+        G1(4, "no arithmetic"); G1(7, "none of the three");
+      } else {
+        G2(0, "full (MT2 U3 W4)"); G2(1, "no activation copies"); G2(2, "no scale loads"); G2(4, "no arithmetic");
+      }"""
+
+RING_RUNS = """      if (mt == 1) {
+        run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
+        run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
+        run("ring S4 W4", M, (const void*)w4a16_gemv_ring<B, 1, 4, false, 4>, 128, rs(4, 4), 1, true);
+        run("ring S8 W4", M, (const void*)w4a16_gemv_ring<B, 1, 8, false, 4>, 128, rs(8, 4), 1, true);
+        run("ring S8 W8", M, (const void*)w4a16_gemv_ring<B, 1, 8, false, 8>, 256, rs(8, 8), 1, true);
+        run("ring S16 W4", M, (const void*)w4a16_gemv_ring<B, 1, 16, false, 4>, 128, rs(16, 4), 1, true);
+      } else {
+        run("gemv MT2 U3 W4", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 4>, 128, 4 * 2 * 3 * 2 * 64 * 16, 2, false);
+        run("ring S4 W4", M, (const void*)w4a16_gemv_ring<B, 2, 4, false, 4>, 128, rs(4, 4), 2, true);
+        run("ring S8 W4", M, (const void*)w4a16_gemv_ring<B, 2, 8, false, 4>, 128, rs(8, 4), 2, true);
+        run("ring S8 W8", M, (const void*)w4a16_gemv_ring<B, 2, 8, false, 8>, 256, rs(8, 8), 2, true);
+      }"""
+
+
+def slot_and_copies(ablate: bool) -> str:
+    """Slot (and cp_async4) from w4a16.cuh; with ablate, Slot<T, ABL> whose bit 2 skips the scale loads."""
+    cuh = (CUDA / "w4a16.cuh").read_text()
+    text = cuh[cuh.index("template <typename T>\nstruct Slot"):cuh.index("// Per kernel and device, once")]
+    if ablate:
+        text = text.replace("template <typename T>\nstruct Slot", "template <typename T, int ABL>\nstruct Slot")
+        old = "      s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi);"
+        assert old in text
+        text = text.replace(old, "      if (ABL & 2) { s0 = 1.f, s1 = 2.f; } else { s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi); }")
+    return text
+
+
+def gemv_kernel(ablate: bool) -> str:
+    """w4a16_gemv from w4a16.cu; with ablate, an ABL template parameter: bit 1 skips the activation copies (the mma
+    reads constant registers), bit 2 the scale loads, bit 4 the arithmetic (the codes are XOR-ed into the sum)."""
+    src = (CUDA / "w4a16.cu").read_text()
+    k = src[src.index(GEMV_START):src.index(GEMV_END)]
+    k = k[:k.index("// Mid-size") if "// Mid-size" in k else len(k)]
+    if not ablate:
+        return k
+    edits = [
+        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL>"),
+        ("  auto stage_x = [&](int ring, int c) {\n    if (c < ce) {", "  auto stage_x = [&](int ring, int c) {\n    if (!(ABL & 1) && c < ce) {"),
+        ("  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n    uint32_t b[MT][4][2];",
+         "  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n"
+         "    if (ABL & 4) { acc[0][0] += __int_as_float(sl.q.x ^ sl.q.y ^ sl.q.z ^ sl.q.w) * sl.s0; return; }\n"
+         "    uint32_t b[MT][4][2];"),
+        ("        ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));",
+         "        if (ABL & 1) { r4[0] = r4[1] = r4[2] = r4[3] = 0x3f803f80u ^ lane; } else\n"
+         "        ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));"),
+    ]
+    for old, new in edits:
+        assert old in k, f"w4a16.cu changed: cannot find {old[:60]!r}"
+        k = k.replace(old, new)
+    return k.replace("Slot<T>", "Slot<T, ABL>")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--ablate", action="store_true")
+    mode.add_argument("--ring", action="store_true")
+    ap.add_argument("--keep", type=Path, default=None, help="also write the generated .cu here")
+    args = ap.parse_args()
+    body = slot_and_copies(args.ablate) + gemv_kernel(args.ablate)
+    if args.ring:
+        body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
+    src = HEAD + body + HARNESS.replace("@RUNS@", ABLATE_RUNS if args.ablate else RING_RUNS).replace("@ONE@", "1" if args.ablate else "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        cu, exe = Path(tmp) / "lab.cu", Path(tmp) / "lab"
+        cu.write_text(src)
+        if args.keep:
+            args.keep.write_text(src)
+        subprocess.run(["nvcc", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
+                        f"-I{CUDA}", "-o", str(exe), str(cu)], check=True)
+        subprocess.run([str(exe)], check=True)
+
+
+if __name__ == "__main__":
+    main()
