@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
 GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
+PRE_START = "// Decode for one token (M = 1)"
 
 HEAD = """#include <cstdio>
 #include <vector>
@@ -69,7 +70,7 @@ int main() {
       printf("%5dx%-5d M=%2d %-28s %7.2f us\\n", K, N, M, name, ts[3]);
       cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
     };
-    for (int M : {1, 4, 8, 16}) {
+    for (int M : {@MS@}) {
       const int mt = M <= 8 ? 1 : 2, xr = std::min(M, 8 * mt);
       auto rs = [&](int S, int W) { return W * S * (40 + xr * 8) * 16 + 16; };
       (void)rs;
@@ -91,6 +92,11 @@ ABLATE_RUNS = """      if (M != 1 && M != 16) continue;
       } else {
         G2(0, "full (MT2 U3 W4)"); G2(1, "no activation copies"); G2(2, "no scale loads"); G2(4, "no arithmetic");
       }"""
+
+PRE_RUNS = """      auto pre = [&](int W) { const int per = (chunks + W - 1) / W; return W * PreLayout(M, per, (per + 1) / 2 + 1, false).bytes; };
+      run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
+      run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
+      run("gemv_pre U2 W8", M, (const void*)w4a16_gemv_pre<B, 2, false, 8, 4>, 256, pre(8), 1, false);"""
 
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
@@ -124,9 +130,9 @@ def gemv_kernel(ablate: bool) -> str:
     reads constant registers), bit 2 the scale loads, bit 4 the arithmetic (the codes are XOR-ed into the sum)."""
     src = (CUDA / "w4a16.cu").read_text()
     k = src[src.index(GEMV_START):src.index(GEMV_END)]
-    k = k[:k.index("// Mid-size") if "// Mid-size" in k else len(k)]
     if not ablate:
         return k
+    k = k[:k.index(PRE_START)]  # w4a16_gemv alone
     edits = [
         (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL>"),
         ("  auto stage_x = [&](int ring, int c) {\n    if (c < ce) {", "  auto stage_x = [&](int ring, int c) {\n    if (!(ABL & 1) && c < ce) {"),
@@ -149,12 +155,16 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ablate", action="store_true")
     mode.add_argument("--ring", action="store_true")
+    mode.add_argument("--pre", action="store_true", help="w4a16_gemv against w4a16_gemv_pre (activations and scales "
+                      "copied to shared memory once per warp), M = 1 and 2")
     ap.add_argument("--keep", type=Path, default=None, help="also write the generated .cu here")
     args = ap.parse_args()
     body = slot_and_copies(args.ablate) + gemv_kernel(args.ablate)
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
-    src = HEAD + body + HARNESS.replace("@RUNS@", ABLATE_RUNS if args.ablate else RING_RUNS).replace("@ONE@", "1" if args.ablate else "0")
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else PRE_RUNS
+    harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 2" if args.pre else "1, 4, 8, 16")
+    src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:
         cu, exe = Path(tmp) / "lab.cu", Path(tmp) / "lab"
         cu.write_text(src)

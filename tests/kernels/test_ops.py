@@ -362,6 +362,7 @@ def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
     tiles, K of 3 chunks (fewer than the warps splitting it) and of 40, ragged N."""
     monkeypatch.setenv("LLMC_W4_GEMV_WIDE", wide)
     monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
+    monkeypatch.setenv("LLMC_W4_PRE", "0")  # M = 1 would go to w4a16_gemv_pre
     for m, k, n, group_size, asym in [(1, 192, 264, 64, False), (5, 2560, 264, 128, True), (8, 2560, 100, 64, False),
                                       (9, 192, 264, 64, True), (16, 2560, 264, 128, False)]:
         qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=dtype)
@@ -370,6 +371,24 @@ def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
         y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
                                  group_size, compute_dtype=torch.float64)
         assert rel_err(y.cpu(), y_ref) < TOL[dtype] + 3e-3, (wide, m, k, group_size, asym)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_w4a16_one_token(dtype):
+    """M = 1 (w4a16_gemv_pre: each warp's activations, scales and zero points in shared memory): K of 3 chunks
+    (fewer than the 8 warps: most get none), of 40 (5 a warp) and of 384 (groups of 64: many per warp), ragged N,
+    zero points or none, groups of 64, 128 and 256, bias; K = 65536 needs more shared memory than the kernel
+    takes and runs the register kernel instead."""
+    for k, n, group_size, asym in [(192, 264, 64, False), (2560, 100, 128, True), (4096, 72, 256, True),
+                                   (24576, 40, 64, False), (24576, 33, 128, True), (65536, 16, 64, True)]:
+        qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=dtype)
+        x = torch.randn(1, k, device="cuda").to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype)
+        y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size), bias)
+        y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
+                                 group_size, bias.cpu(), compute_dtype=torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[dtype] + 3e-3, (k, n, group_size, asym)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")

@@ -9,6 +9,7 @@
 // load covers 4 k-steps, and a warp's load is 512 contiguous bytes.
 //
 // Kernels by M (run() below picks; the fast ones need K % 64 == 0 and a power-of-two group >= 64):
+//   w4a16_gemv_pre   M = 1: the same, each warp's activations and scales copied to shared memory once.
 //   w4a16_gemv    M <= 16 (32 off Hopper or with few features): weights streamed through registers.
 //   w4a16_wgmma   Hopper, M = 17..512 (w4a16_sm90.cu): the codes as wgmma's register A operand.
 //   w4a16_tiled   other GPUs, M <= 256: mma.sync on shared-memory tiles.
@@ -281,6 +282,114 @@ __global__ void __launch_bounds__(W * 32, MINB)
   });
 }
 
+// Decode for one token (M = 1): w4a16_gemv's work split, with 8 warps per block and register banks of codes,
+// but each warp copies all the activations of its K run, and its rows' scales and zero points for the groups of
+// that run, into shared memory once, before its loop, which then waits only on its own code loads. In
+// w4a16_gemv each bank also waits on its activation copies and scale loads; on H100 at 8192 x 8192 those waits
+// cost 3 of its 17.8 us (scripts/results/h100_s6_gemv: 17.7 -> 16.1 us). With more tokens the one-time copy
+// (M x 2 KB per warp at K = 8192, from L2 before any arithmetic) costs more than it saves: M = 2 ran 17.9 us
+// against the register kernel's 17.6.
+struct PreLayout {  // one warp's shared memory: activation rows (16-byte pad), scales [group][16], zero points
+  int x_stride, x_bytes, s_off, z_off, zero_off, bytes;
+  __host__ __device__ PreLayout(int xrows, int per, int ngroups, bool has_z) {
+    x_stride = per * 128 + 16;  // the pad puts the rows an ldmatrix reads in distinct bank groups
+    x_bytes = xrows * x_stride;
+    s_off = x_bytes;
+    z_off = s_off + ngroups * 16 * 4;
+    zero_off = (z_off + (has_z ? ngroups * 16 : 0) + 15) & ~15;
+    bytes = zero_off + 16;
+  }
+};
+
+template <typename T, int U, bool HAS_Z, int W = 8, int MINB = 4>
+__global__ void __launch_bounds__(W * 32, MINB)
+    w4a16_gemv_pre(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
+                   const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N,
+                   int K, int G, int cshift, int chunks) {
+  const int nt = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+  const int per = (chunks + W - 1) / W;
+  const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
+  const int cpg = 1 << cshift, ngroups = (per + cpg - 1) / cpg + 1;
+  const PreLayout lay(M, per, ngroups, HAS_Z);
+  extern __shared__ __align__(128) uint8_t pre_smem[];
+  uint8_t* const base = pre_smem + warp * lay.bytes;
+  const uint8_t* const zero16 = base + lay.zero_off;
+  float* const ss = reinterpret_cast<float*>(base + lay.s_off);
+  uint8_t* const zs = base + lay.z_off;
+  const int gb = cb >> cshift;  // first group of the run
+
+  // 1. this warp's activations: M rows x its chunks, 16-byte copies
+  const int units = (ce - cb) * 8;
+  for (int i = lane; i < M * units; i += 32) {
+    const int tok = i / units, u = i - tok * units;
+    cp_async16(base + tok * lay.x_stride + u * 16, x + (int64_t)tok * K + (int64_t)cb * 64 + u * 8, true);
+  }
+  cp_async_commit();
+  // 2. the first bank of codes
+  const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
+  uint4 qa[U], qb[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) qa[u] = cb + u < ce ? ld_stream(wp + u * 32) : make_uint4(0, 0, 0, 0);
+  // 3. scales and zero points of the run's groups, [group][row], rows past N clamped (never stored)
+  const int ng = ce > cb ? ((ce - 1) >> cshift) - gb + 1 : 0;
+  for (int i = lane; i < ng * 16; i += 32) {
+    const int gl = i >> 4, r = i & 15;
+    const int64_t src = (int64_t)min(nt * 16 + r, N - 1) * G + gb + gl;
+    ss[i] = __ldg(scales + src);
+    if (HAS_Z) zs[i] = __ldg(zeros + src);
+  }
+  if (lane < 4) reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(zero16))[lane] = 0u;
+  cp_async_wait<0>();
+  __syncwarp();
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  auto chunk = [&](const uint4& q, int c) {
+    const int gl = (c >> cshift) - gb;
+    Slot<T> sl;
+    sl.q = q;
+    sl.s0 = ss[gl * 16 + g], sl.s1 = ss[gl * 16 + g + 8];
+    sl.z0 = HAS_Z ? uint32_t(zs[gl * 16 + g]) : 8u, sl.z1 = HAS_Z ? uint32_t(zs[gl * 16 + g + 8]) : 8u;
+    uint32_t b[4][2];
+#pragma unroll
+    for (int s2 = 0; s2 < 2; ++s2) {  // lanes 8j..8j+7: token rows of matrix j, 16-byte unit 4 s2 + j of the chunk
+      const int tok = lane & 7;
+      const uint8_t* src = tok < M ? base + tok * lay.x_stride + (c - cb) * 128 + (4 * s2 + (lane >> 3)) * 16 : zero16;
+      uint32_t r4[4];
+      ldmatrix_x4(r4, src);
+      b[2 * s2][0] = r4[0], b[2 * s2][1] = r4[1], b[2 * s2 + 1][0] = r4[2], b[2 * s2 + 1][1] = r4[3];
+    }
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t a[4];
+      sl.codes(s, a);
+      Mma<T>::mma(part, a, b[s][0], b[s][1]);
+    }
+    acc[0] += sl.s0 * part[0], acc[1] += sl.s0 * part[1];
+    acc[2] += sl.s1 * part[2], acc[3] += sl.s1 * part[3];
+  };
+  for (int c = cb; c < ce; c += 2 * U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) qb[u] = c + U + u < ce ? ld_stream(wp + (c - cb + U + u) * 32) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c + u < ce) chunk(qa[u], c + u);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      qa[u] = c + 2 * U + u < ce ? ld_stream(wp + (c - cb + 2 * U + u) * 32) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c + U + u < ce) chunk(qb[u], c + U + u);
+  }
+
+  float accs[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
+  reduce_warps_store<W, 1>(accs, nt, 0, M, N, [&](int row, int tok, float v) {
+    if (bias != nullptr) v += to_float(bias[row]);
+    out[(int64_t)tok * N + row] = from_float<T>(v);
+  });
+}
+
 // Mid-size M (prefill of short prompts, batched decode): a block computes TOK tokens x 128 NW output features,
 // NW 16-feature tiles per warp, all warps walking the same K chunks. Each pipeline stage holds one chunk:
 // the block's activations (TOK tokens x 64 k, XOR-swizzled so ldmatrix reads hit 8 distinct bank groups,
@@ -454,6 +563,24 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, cshift, chunks, stream))
     return;
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
+    if (M == 1 && env_int("LLMC_W4_PRE", 1) != 0) {
+      // (LLMC_W4_PRE=0 turns it off: tests, sweeps.) Shared memory per block: 8 warps' activation runs, scales
+      // and zero points; past 96 KB (K of about 48,000 at g128) too few blocks fit an SM and w4a16_gemv runs.
+      constexpr int kW = 8;
+      const int per = (chunks + kW - 1) / kW, cpg = 1 << cshift;
+      const int smem = kW * PreLayout(1, per, (per + cpg - 1) / cpg + 1, zp != nullptr).bytes;
+      if (smem <= 96 * 1024) {
+        auto go = [&](auto kernel) {
+          launch_attrs_once(kernel, smem);
+          kernel<<<(N + 15) / 16, kW * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K),
+                                                            G, cshift, chunks);
+        };
+        if (zp != nullptr) go(w4a16_gemv_pre<T, 2, true, kW, 4>);
+        else go(w4a16_gemv_pre<T, 2, false, kW, 4>);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
       auto go = [&](auto kernel, int mt, int u, int warps) {
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
