@@ -21,6 +21,14 @@ CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
 GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
 PRE_START = "// Decode for one token (M = 1)"
+LD256 = """
+__device__ __forceinline__ uint4 ld256(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+"""
 
 HEAD = """#include <cstdio>
 #include <vector>
@@ -96,7 +104,8 @@ ABLATE_RUNS = """      if (M != 1 && M != 16) continue;
 PRE_RUNS = """      auto pre = [&](int W) { const int per = (chunks + W - 1) / W; return W * PreLayout(M, per, (per + 1) / 2 + 1, false).bytes; };
       run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
       run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
-      run("gemv_pre U2 W8", M, (const void*)w4a16_gemv_pre<B, 2, false, 8, 4>, 256, pre(8), 1, false);"""
+      run("gemv_pre U2 W8", M, (const void*)w4a16_gemv_pre<B, 2, false, 8, 4>, 256, pre(8), 1, false);
+      run("gemv_pre U2 W8 L2::256B", M, (const void*)w4a16_gemv_pre256<B, 2, false, 8, 4>, 256, pre(8), 1, false);"""
 
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
@@ -160,6 +169,11 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="also write the generated .cu here")
     args = ap.parse_args()
     body = slot_and_copies(args.ablate) + gemv_kernel(args.ablate)
+    if args.pre:  # also w4a16_gemv_pre with the L2::256B prefetch hint on its code loads
+        src = (CUDA / "w4a16.cu").read_text()
+        pre = src[src.index(PRE_START):src.index(GEMV_END)]
+        pre = pre[pre.index("template <typename T, int U, bool HAS_Z"):]
+        body += LD256 + pre.replace("w4a16_gemv_pre(", "w4a16_gemv_pre256(").replace("ld_stream(", "ld256(")
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
     runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else PRE_RUNS

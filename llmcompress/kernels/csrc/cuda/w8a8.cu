@@ -24,7 +24,7 @@ template <bool kStream>
 __device__ __forceinline__ uint4 load16(const int8_t* p, int row, int rows, int64_t k, int64_t K, bool vec) {
   if (row >= rows || k >= K) return make_uint4(0, 0, 0, 0);
   const int8_t* src = p + (int64_t)row * K + k;
-  if (vec) return kStream ? ld_stream(src) : *reinterpret_cast<const uint4*>(src);
+  if (vec) return kStream ? ld_stream_l2_256(src) : *reinterpret_cast<const uint4*>(src);
   uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int i = 0; i < 16; ++i)  // unrolled so w stays in registers
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
       for (int u = 0; u < P; ++u) {
         const int c = cbase + u * kWarps;
         const bool in = c < chunks;
-        bk.wa[u] = in ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
-        bk.wb[u] = in ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
+        bk.wa[u] = in ? ld_stream_l2_256(w0 + c * 4) : make_uint4(0, 0, 0, 0);
+        bk.wb[u] = in ? ld_stream_l2_256(w1 + c * 4) : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) bk.xb[u][mt] = in && xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
       }
@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(kWarps * 32, kAligned ? (MT == 1 ? 4 : 3) : 1)
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kWarps;
       if constexpr (kAligned) {
-        wa[u] = c < chunks ? ld_stream(w0 + c * 4) : make_uint4(0, 0, 0, 0);
-        wb[u] = c < chunks ? ld_stream(w1 + c * 4) : make_uint4(0, 0, 0, 0);
+        wa[u] = c < chunks ? ld_stream_l2_256(w0 + c * 4) : make_uint4(0, 0, 0, 0);
+        wb[u] = c < chunks ? ld_stream_l2_256(w1 + c * 4) : make_uint4(0, 0, 0, 0);
       } else {
         const int64_t k = (int64_t)c * 64 + 16 * t;
         wa[u] = load16<true>(w, row0, N, k, K, vec);
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) bk.w[j][h] = in ? ld_stream(wr[j][h] + c * 4) : make_uint4(0, 0, 0, 0);
+      for (int h = 0; h < 2; ++h) bk.w[j][h] = in ? ld_stream_l2_256(wr[j][h] + c * 4) : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) bk.xb[mt] = in && xv[mt] ? __ldg(xr[mt] + c * 4) : make_uint4(0, 0, 0, 0);
   };
