@@ -30,11 +30,8 @@ __device__ __forceinline__ uint4 ld256(const void* p) {
 }
 """
 
-HEAD = """#include <cstdio>
-#include <vector>
-#include <algorithm>
+HEAD = """#include "graph_timer.cuh"
 #include "common.cuh"
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("err %s line %d\\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 namespace llmc::cuda {
 """
 
@@ -59,24 +56,12 @@ int main() {
     auto run = [&](const char* name, int M, const void* kernel, int threads, int smem, int mt, bool ring) {
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-      cudaGraph_t g; cudaGraphExec_t ge;
-      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
       const int xrows = std::min(M, 8 * mt);
-      for (int r = 0; r < 4; ++r)
-        for (int i = 0; i < NB; ++i) {
-          if (ring) ((Ring)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks, xrows);
-          else ((Gemv)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks);
-        }
-      CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
-      cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-      std::vector<float> ts;
-      for (int rep = 0; rep < 7; ++rep) {
-        CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st);
-        CK(cudaEventSynchronize(e1)); float ms; cudaEventElapsedTime(&ms, e0, e1); ts.push_back(ms * 1000 / (4 * NB));
-      }
-      std::sort(ts.begin(), ts.end());
-      printf("%5dx%-5d M=%2d %-28s %7.2f us\\n", K, N, M, name, ts[3]);
-      cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
+      const float us = graph_time_us(st, NB, [&](int i) {
+        if (ring) ((Ring)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks, xrows);
+        else ((Gemv)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks);
+      });
+      printf("%5dx%-5d M=%2d %-28s %7.2f us\\n", K, N, M, name, us);
     };
     for (int M : {@MS@}) {
       const int mt = M <= 8 ? 1 : 2, xr = std::min(M, 8 * mt);
@@ -185,7 +170,7 @@ def main() -> None:
         if args.keep:
             args.keep.write_text(src)
         subprocess.run(["nvcc", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
-                        f"-I{CUDA}", "-o", str(exe), str(cu)], check=True)
+                        f"-I{CUDA}", f"-I{Path(__file__).parent}", "-o", str(exe), str(cu)], check=True)
         subprocess.run([str(exe)], check=True)
 
 

@@ -87,23 +87,7 @@ __global__ void __launch_bounds__(W * 32)
         ldmatrix_x4(r4, src);
         b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
       }
-    float part[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) part[mt][e] = 0.f;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      uint32_t a[4];
-      sl.codes(s, a);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      acc[mt][0] += sl.s0 * part[mt][0], acc[mt][1] += sl.s0 * part[mt][1];
-      acc[mt][2] += sl.s1 * part[mt][2], acc[mt][3] += sl.s1 * part[mt][3];
-    }
+    sl.mma_scaled<MT>(b, acc);
   }
   cp_async_wait<0>();
 

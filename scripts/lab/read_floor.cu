@@ -2,12 +2,8 @@
 // (CUDA graph of 40 launches over 10 rotating buffers, > 2x L2; median of 7). B: the W4A16 8192 x 8192 codes, the
 // codes + their fp32 g128 scales, and the bf16 weights of 4096 x 4096 and 8192 x 8192.
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/rf scripts/lab/read_floor.cu && /tmp/rf
-#include <cstdio>
 #include <cstdint>
-#include <vector>
-#include <algorithm>
-#include <cuda_runtime.h>
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("err %s line %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+#include "graph_timer.cuh"
 __device__ __forceinline__ uint4 lds(const void* p) {
   uint4 v; asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p)); return v;
 }
@@ -56,16 +52,8 @@ int main() {
     cudaStream_t st; CK(cudaStreamCreate(&st));
     const int64_t n16 = B / 16; const int tiles = 512; const int chunks = int(n16 / 32 / tiles);
     auto run = [&](const char* name, auto launch) {
-      cudaGraph_t g; cudaGraphExec_t ge;
-      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-      for (int r = 0; r < 4; ++r) for (int i = 0; i < NB; ++i) launch(buf[i]);
-      CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
-      cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-      std::vector<float> ts;
-      for (int rep = 0; rep < 7; ++rep) { CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st); CK(cudaEventSynchronize(e1)); float ms; cudaEventElapsedTime(&ms, e0, e1); ts.push_back(ms * 1000 / (4 * NB)); }
-      std::sort(ts.begin(), ts.end());
-      printf("B=%.1fMB %-28s %7.2f us  %6.0f GB/s\n", B / 1e6, name, ts[3], B / ts[3] / 1e3);
-      cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
+      const float us = graph_time_us(st, NB, [&](int i) { launch(buf[i]); });
+      printf("B=%.1fMB %-28s %7.2f us  %6.0f GB/s\n", B / 1e6, name, us, B / us / 1e3);
     };
     run("stride U4 132x8x256", [&](uint4* b) { k_stride<4><<<sms * 8, 256, 0, st>>>(b, n16, out); });
     run("stride U8 132x4x256", [&](uint4* b) { k_stride<8><<<sms * 4, 256, 0, st>>>(b, n16, out); });

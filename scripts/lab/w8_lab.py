@@ -29,19 +29,10 @@ int main() {
   CK(cudaMemset(xs, 0, 64)); CK(cudaMemset(ws, 0, N * 4)); CK(cudaMalloc(&out, 16 * N * 2));
   cudaStream_t st; CK(cudaStreamCreate(&st));
   auto run = [&](const char* name, int M, auto kernel, int mt) {
-    cudaGraph_t g; cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int r = 0; r < 4; ++r) for (int i = 0; i < NB; ++i)
+    const float us = graph_time_us(st, NB, [&](int i) {
       kernel<<<dim3(N / 16, (M + 8 * mt - 1) / (8 * mt)), kWarps * 32, 0, st>>>(x, xs, w[i], ws, nullptr, out, M, N, K);
-    CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-    std::vector<float> ts;
-    for (int rep = 0; rep < 7; ++rep) {
-      CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st);
-      CK(cudaEventSynchronize(e1)); float ms; cudaEventElapsedTime(&ms, e0, e1); ts.push_back(ms * 1000 / (4 * NB));
-    }
-    std::sort(ts.begin(), ts.end());
-    printf("8192x8192 M=%2d %-26s %7.2f us\n", M, name, ts[3]);
+    });
+    printf("8192x8192 M=%2d %-26s %7.2f us\n", M, name, us);
   };
   for (int M : {1, 8}) {
     run("full (pipe)", M, w8a8_decode<B, 1, true, true, 0>, 1);
@@ -86,14 +77,12 @@ __device__ __forceinline__ uint4 ldw(const void* p) {
     for old, new in edits:
         assert old in body, f"w8a8.cu changed: cannot find {old[:60]!r}"
         body = body.replace(old, new)
-    head = ('#include <cstdio>\n#include <vector>\n#include <algorithm>\n#include "common.cuh"\n'
-            '#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("err %s line %d\\n", '
-            'cudaGetErrorString(e), __LINE__); exit(1);} } while (0)\nnamespace llmc::cuda {\n')
+    head = '#include "graph_timer.cuh"\n#include "common.cuh"\nnamespace llmc::cuda {\n'
     with tempfile.TemporaryDirectory() as tmp:
         cu, exe = Path(tmp) / "lab.cu", Path(tmp) / "lab"
         cu.write_text(head + body + HARNESS)
         subprocess.run(["nvcc", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
-                        f"-I{CUDA}", "-o", str(exe), str(cu)], check=True)
+                        f"-I{CUDA}", f"-I{Path(__file__).parent}", "-o", str(exe), str(cu)], check=True)
         subprocess.run([str(exe)], check=True)
 
 

@@ -218,23 +218,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
         ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
         b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
       }
-    float part[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) part[mt][e] = 0.f;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      uint32_t a[4];
-      sl.codes(s, a);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      acc[mt][0] += sl.s0 * part[mt][0], acc[mt][1] += sl.s0 * part[mt][1];
-      acc[mt][2] += sl.s1 * part[mt][2], acc[mt][3] += sl.s1 * part[mt][3];
-    }
+    sl.mma_scaled<MT>(b, acc);
   };
 
   Slot<T> sa[U], sb[U];
@@ -343,31 +327,23 @@ __global__ void __launch_bounds__(W * 32, MINB)
   cp_async_wait<0>();
   __syncwarp();
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   auto chunk = [&](const uint4& q, int c) {
     const int gl = (c >> cshift) - gb;
     Slot<T> sl;
     sl.q = q;
     sl.s0 = ss[gl * 16 + g], sl.s1 = ss[gl * 16 + g + 8];
     sl.z0 = HAS_Z ? uint32_t(zs[gl * 16 + g]) : 8u, sl.z1 = HAS_Z ? uint32_t(zs[gl * 16 + g + 8]) : 8u;
-    uint32_t b[4][2];
+    uint32_t b[1][4][2];
 #pragma unroll
     for (int s2 = 0; s2 < 2; ++s2) {  // lanes 8j..8j+7: token rows of matrix j, 16-byte unit 4 s2 + j of the chunk
       const int tok = lane & 7;
       const uint8_t* src = tok < M ? base + tok * lay.x_stride + (c - cb) * 128 + (4 * s2 + (lane >> 3)) * 16 : zero16;
       uint32_t r4[4];
       ldmatrix_x4(r4, src);
-      b[2 * s2][0] = r4[0], b[2 * s2][1] = r4[1], b[2 * s2 + 1][0] = r4[2], b[2 * s2 + 1][1] = r4[3];
+      b[0][2 * s2][0] = r4[0], b[0][2 * s2][1] = r4[1], b[0][2 * s2 + 1][0] = r4[2], b[0][2 * s2 + 1][1] = r4[3];
     }
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      uint32_t a[4];
-      sl.codes(s, a);
-      Mma<T>::mma(part, a, b[s][0], b[s][1]);
-    }
-    acc[0] += sl.s0 * part[0], acc[1] += sl.s0 * part[1];
-    acc[2] += sl.s1 * part[2], acc[3] += sl.s1 * part[3];
+    sl.mma_scaled<1>(b, acc);
   };
   for (int c = cb; c < ce; c += 2 * U) {
 #pragma unroll
@@ -383,8 +359,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
       if (c + U + u < ce) chunk(qb[u], c + U + u);
   }
 
-  float accs[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
-  reduce_warps_store<W, 1>(accs, nt, 0, M, N, [&](int row, int tok, float v) {
+  reduce_warps_store<W, 1>(acc, nt, 0, M, N, [&](int row, int tok, float v) {
     if (bias != nullptr) v += to_float(bias[row]);
     out[(int64_t)tok * N + row] = from_float<T>(v);
   });

@@ -41,6 +41,28 @@ struct Slot {
 #pragma unroll
     for (int r = 0; r < 4; ++r) a[r] = Mma<T>::sub(nibbles_or_magic(word >> (4 * r)), (r & 1) ? zz1 : zz0);
   }
+  // acc[mt] += this chunk's codes x the activation fragments b[mt] (4 k-steps), accumulated unscaled in fp32 and
+  // then scaled once by the group scales of rows g and g + 8.
+  template <int MT>
+  __device__ __forceinline__ void mma_scaled(const uint32_t (&b)[MT][4][2], float (&acc)[MT][4]) const {
+    float part[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[mt][e] = 0.f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t a[4];
+      codes(s, a);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] += s0 * part[mt][0], acc[mt][1] += s0 * part[mt][1];
+      acc[mt][2] += s1 * part[mt][2], acc[mt][3] += s1 * part[mt][3];
+    }
+  }
 
  private:
   // (v & 0x000F000F) | magic as one LOP3 (left to itself the compiler emits an AND and an OR: one LUT op takes a
