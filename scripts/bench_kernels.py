@@ -3,8 +3,9 @@
 Peers: torch bf16 matmul; torch._int_mm + the scale epilogue (torch ops); torch's int4 weight-only kernel
 (aten._weight_int4pack_mm on CUDA, _weight_int4pack_mm_for_cpu on CPU); fp32 matmul on CPU.
 Timing: CUDA: one CUDA graph replays the op over R rotating weight copies (together > 2x L2, so L2 never
-holds the weights), timed with events, median of several replays. CPU: perf_counter around single calls
-over rotating copies, after warm-up, median. Bandwidth roofline: a large device copy measured in this run.
+holds the weights), timed with events, median of several replays. CPU: perf_counter around back-to-back
+calls over rotating copies (about 20 ms a sample, as a decode loop runs them), the ops' samples taken in turn
+(time_interleaved), median of 7. Bandwidth roofline: a large device copy measured in this run.
 Outputs JSON + markdown + PNG under --out.
 
   python scripts/bench_kernels.py --device cuda --out scripts/results/h100
@@ -62,42 +63,58 @@ def timer(device: str, fn, reps: int = 1, inner: int = 1) -> float:
     samples, budget = [], time.perf_counter() + 3.0
     for i in range(9):
         t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) / reps)
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / reps / inner)
         if time.perf_counter() > budget and i >= 1:
             break
     return statistics.median(samples)
 
 
 def time_op(device: str, make_call, copies: int) -> float:
-    """make_call(i) -> a zero-argument callable using weight copy i. Rotates over the copies."""
+    """CUDA: make_call(i) -> a zero-argument callable using weight copy i; one graph replays them all."""
     calls = [make_call(i) for i in range(copies)]
-    if device == "cuda":
-        for c in calls:  # warm-up (and lazy init) outside the graph
+    for c in calls:  # warm-up (and lazy init) outside the graph
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:
             c()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
             for c in calls:
                 c()
-            stream.synchronize()
-            with torch.cuda.graph(graph, stream=stream):
-                for c in calls:
-                    c()
-        torch.cuda.current_stream().wait_stream(stream)
-        once = timer(device, graph.replay, reps=copies)
-        inner = max(1, min(50, int(2e-3 / max(once * copies, 1e-7))))  # ~2 ms per sample
-        return timer(device, graph.replay, reps=copies, inner=inner)
-    i = [0]
+    torch.cuda.current_stream().wait_stream(stream)
+    once = timer(device, graph.replay, reps=copies)
+    inner = max(1, min(50, int(2e-3 / max(once * copies, 1e-7))))  # ~2 ms per sample
+    return timer(device, graph.replay, reps=copies, inner=inner)
 
-    def one():
-        calls[i[0] % copies]()
-        i[0] += 1
 
-    one()
-    return timer(device, one)
+def time_interleaved(make_calls: list, copies: int, samples: int = 7) -> list[float]:
+    """CPU: seconds per call of each op, its samples taken in turn with the others' (op 1, op 2, ..., op 1, ...),
+    so that a slow or fast stretch of a shared machine falls on every op alike and their ratios hold; each sample
+    is about 20 ms of back-to-back calls on rotating copies; median of `samples`."""
+    runners = []
+    for make_call in make_calls:
+        calls = [make_call(i) for i in range(copies)]
+        for c in calls:  # warm-up
+            c()
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        once = (time.perf_counter() - t0) / copies
+        runners.append((calls, max(1, min(200, int(0.02 / max(once, 1e-7))))))
+    times = [[] for _ in runners]
+    for _ in range(samples):
+        for j, (calls, inner) in enumerate(runners):
+            t0 = time.perf_counter()
+            for r in range(inner):
+                calls[r % copies]()
+            times[j].append((time.perf_counter() - t0) / inner)
+    return [statistics.median(t) for t in times]
 
 
 def bench_shape(device: str, m: int, k: int, n: int, bw: float, cache_bytes: int) -> list[dict]:
@@ -112,14 +129,14 @@ def bench_shape(device: str, m: int, k: int, n: int, bw: float, cache_bytes: int
         rows.append(dict(op=name, M=m, K=k, N=n, us=seconds * 1e6, tflops=2 * m * n * k / seconds / 1e12,
                          gbps=moved / seconds / 1e9, roofline=(moved / bw) / seconds))
 
+    # Every op of the shape with its weight copies: (name, make_call(i) -> callable on copy i, weight bytes)
+    todo = []
     w_bf16 = [torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16) for _ in range(copies)]
-    record("torch_bf16", time_op(device, lambda i: (lambda: x @ w_bf16[i].t()), copies), bf16_bytes)
+    todo.append(("torch_bf16", lambda i: (lambda: x @ w_bf16[i].t()), bf16_bytes))
     if device == "cpu":
         w32 = [w.float() for w in w_bf16]
         x32 = x.float()
-        record("torch_fp32", time_op(device, lambda i: (lambda: x32 @ w32[i].t()), copies), n * k * 4)
-        del w32
-    del w_bf16
+        todo.append(("torch_fp32", lambda i: (lambda: x32 @ w32[i].t()), n * k * 4))
 
     # W8A8
     w_q = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device, generator=gen) for _ in range(copies)]
@@ -129,20 +146,16 @@ def bench_shape(device: str, m: int, k: int, n: int, bw: float, cache_bytes: int
     if m > 16 and not slow_cpu_int_mm:
         def int_mm(i):
             return lambda: (torch._int_mm(x_q, w_q[i].t()).float() * x_scale[:, None] * w_scale).to(torch.bfloat16)
-        record("torch_int_mm", time_op(device, int_mm, copies), n * k)
-    record("llmc_w8a8_mm", time_op(device, lambda i: (lambda: ops.w8a8_mm(x_q, x_scale, w_q[i], w_scale)), copies),
-           n * k)
-    record("llmc_w8a8_linear", time_op(device, lambda i: (lambda: ops.w8a8_linear(x, w_q[i], w_scale)), copies),
-           n * k)
-    del w_q
+        todo.append(("torch_int_mm", int_mm, n * k))
+    todo.append(("llmc_w8a8_mm", lambda i: (lambda: ops.w8a8_mm(x_q, x_scale, w_q[i], w_scale)), n * k))
+    todo.append(("llmc_w8a8_linear", lambda i: (lambda: ops.w8a8_linear(x, w_q[i], w_scale)), n * k))
 
     # W4A16, group 128
     g = -(-k // GROUP)
     codes = [torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device, generator=gen) for _ in range(copies)]
     scales = torch.rand(n, g, device=device, generator=gen).to(torch.bfloat16) * 0.01
     packed = [ops.pack_w4a16(reference.pack_int4(c), scales, None, GROUP) for c in codes]
-    record("llmc_w4a16", time_op(device, lambda i: (lambda: ops.w4a16_linear(x, packed[i])), copies), n * k // 2)
-    del packed
+    todo.append(("llmc_w4a16", lambda i: (lambda: ops.w4a16_linear(x, packed[i])), n * k // 2))
     sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).contiguous()  # [G, N, 2]
     try:
         if device == "cuda":
@@ -151,9 +164,17 @@ def bench_shape(device: str, m: int, k: int, n: int, bw: float, cache_bytes: int
         else:
             tw = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.int(), 1) for c in codes]
             fn = lambda i: (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, tw[i], GROUP, sz))  # noqa: E731
-        record("torch_int4", time_op(device, fn, copies), n * k // 2)
+        fn(0)()
+        todo.append(("torch_int4", fn, n * k // 2))
     except RuntimeError as e:  # an unsupported shape or build of torch: say so, keep going
         print(f"torch int4 kernel unavailable for {m}x{k}x{n}: {str(e).splitlines()[0]}", file=sys.stderr)
+
+    if device == "cuda":
+        for name, make_call, wbytes in todo:
+            record(name, time_op(device, make_call, copies), wbytes)
+    else:
+        for name, seconds in zip([t[0] for t in todo], time_interleaved([t[1] for t in todo], copies)):
+            record(name, seconds, next(t[2] for t in todo if t[0] == name))
     return rows
 
 
@@ -238,7 +259,7 @@ def main() -> None:
     meta = dict(device=device, device_name=name, torch=torch.__version__, backend=ops.backend(device),
                 bandwidth_gbps=bw / 1e9, command="python " + " ".join(sys.argv), group_size=GROUP,
                 timing=("CUDA graph over rotating weight copies (> 2x L2), event-timed, median of 7 replays"
-                        if device == "cuda" else "perf_counter per call over rotating weight copies, median"))
+                        if device == "cuda" else "perf_counter over back-to-back calls on rotating weight copies (~20 ms a sample), the ops' samples interleaved, median of 7"))
     print(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s, backend {meta['backend']}", flush=True)
     rows = []
     for k, n in kns:
