@@ -147,7 +147,7 @@ def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: 
     @torch.no_grad()
     def score(w_hat: list[torch.Tensor]) -> float:
         err, n = 0.0, 0
-        with _weights_swapped(lins, w_hat):
+        with weights_swapped(lins, w_hat):
             for b in picks:
                 lw.current = b
                 out = layer(lw.hidden[b], **lw.kwargs[b])
@@ -172,7 +172,7 @@ def block_score(run: Callable[[int], torch.Tensor], items: Sequence[int],
     @torch.no_grad()
     def score(w_hat: list[torch.Tensor]) -> float:
         err, n = 0.0, 0
-        with _weights_swapped(lins, w_hat):
+        with weights_swapped(lins, w_hat):
             for i in items:
                 d = run(i).double() - ref[i]
                 err += float(d.pow(2).sum())
@@ -182,7 +182,7 @@ def block_score(run: Callable[[int], torch.Tensor], items: Sequence[int],
 
 
 @contextmanager
-def _weights_swapped(lins: Sequence[torch.nn.Linear], w_hat: Sequence[torch.Tensor]):
+def weights_swapped(lins: Sequence[torch.nn.Linear], w_hat: Sequence[torch.Tensor]):
     """The Linears hold the candidate weights inside the block, their own again after it (even on error)."""
     saved = [lin.weight.detach().clone() for lin in lins]
     try:

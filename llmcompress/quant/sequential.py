@@ -331,8 +331,8 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
 def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -> list[torch.Tensor]:
     """The real-token input rows of `consumer`, per batch, with the Linears `done` at their final RTN weights
     (then put back): AWQ's later groups searched on the inputs the quantized earlier sublayers produce."""
-    saved = {rel: mine[rel].weight.detach().clone() for rel in done}
     fq = _weight_fake_quant(spec, new_observer)
+    lins = [mine[rel] for rel in done]
     got: list[torch.Tensor] = []
 
     def hook(module, args):
@@ -341,14 +341,11 @@ def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -
 
     h = mine[consumer].register_forward_pre_hook(hook)
     try:
-        for rel in done:
-            mine[rel].weight.copy_(fq(saved[rel].float()).to(saved[rel].dtype))
-        _run_until_stop(layer, lw)
+        with awq_.weights_swapped(lins, [fq(lin.weight.detach().float()) for lin in lins]):
+            _run_until_stop(layer, lw)
     finally:
         h.remove()
         lw.current = None
-        for rel, w in saved.items():
-            mine[rel].weight.copy_(w)
     return got
 
 

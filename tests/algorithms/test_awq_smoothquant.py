@@ -271,3 +271,17 @@ def test_awq_spread_batches_reaches_the_token_target():
     assert sum(toks[b] for b in p) >= 100 and p == sorted(set(p)) and p[-1] == 7
     assert spread_batches(toks, 10_000) == list(range(8))
     assert spread_batches(toks, 1) == [7]
+
+
+def test_awq_weights_swapped_restores_the_weights_even_on_error():
+    """The candidate weights are in place inside the block and the Linear's own afterwards, also when the block
+    raises (the AWQ scores and the sequential_inputs recapture both rely on it)."""
+    from llmcompress.quant.awq import weights_swapped
+
+    lin = torch.nn.Linear(5, 3)
+    own = lin.weight.detach().clone()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inside"):
+        with weights_swapped([lin], [torch.zeros(3, 5, dtype=torch.float64)]):
+            assert torch.equal(lin.weight, torch.zeros(3, 5)) and lin.weight.dtype == torch.float32
+            raise RuntimeError("inside")
+    assert torch.equal(lin.weight, own)

@@ -60,6 +60,21 @@ def test_gptq_and_awq_layer_by_layer_beat_rtn(tiny):
     assert e_gptq < e_rtn and e_awq <= e_rtn * 1.02, (e_rtn, e_gptq, e_awq)
 
 
+def test_awq_sequential_inputs_searches_on_the_quantized_earlier_groups(tiny):
+    """awq.sequential_inputs: o_proj, gate/up and down_proj are searched on inputs recaptured with the layer's
+    earlier groups at their quantized weights (their own weights put back after each recapture). The option
+    changes the result, and it stays within plain AWQ's bound against RTN."""
+    rtn, _, _ = _quantized(tiny, W4 + ["method=rtn"])
+    plain, _, _ = _quantized(tiny, W4 + ["method=awq"])
+    seq, _, _ = _quantized(tiny, W4 + ["method=awq", "awq.sequential_inputs=true"])
+    e_rtn, e_plain, e_seq = _err(rtn, tiny), _err(plain, tiny), _err(seq, tiny)
+    assert e_seq <= e_rtn * 1.02, (e_rtn, e_plain, e_seq)
+    assert e_seq != e_plain
+    model, _, ids = tiny
+    with torch.no_grad():
+        assert torch.isfinite(seq(ids).logits).all()
+
+
 def test_smoothquant_static_w8a8_scales_come_from_the_smoothed_model(tiny):
     over = ["weights.format=int8", "weights.granularity=channel", "activations.format=int8",
             "activations.dynamic=false"]
