@@ -63,9 +63,8 @@ def timer(device: str, fn, reps: int = 1, inner: int = 1) -> float:
     samples, budget = [], time.perf_counter() + 3.0
     for i in range(9):
         t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / reps / inner)
+        fn()
+        samples.append((time.perf_counter() - t0) / reps)
         if time.perf_counter() > budget and i >= 1:
             break
     return statistics.median(samples)
@@ -173,8 +172,8 @@ def bench_shape(device: str, m: int, k: int, n: int, bw: float, cache_bytes: int
         for name, make_call, wbytes in todo:
             record(name, time_op(device, make_call, copies), wbytes)
     else:
-        for name, seconds in zip([t[0] for t in todo], time_interleaved([t[1] for t in todo], copies)):
-            record(name, seconds, next(t[2] for t in todo if t[0] == name))
+        for (name, _, wbytes), seconds in zip(todo, time_interleaved([t[1] for t in todo], copies)):
+            record(name, seconds, wbytes)
     return rows
 
 
