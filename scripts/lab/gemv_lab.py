@@ -86,7 +86,7 @@ ABLATE_RUNS = """      if (M != 1 && M != 16) continue;
         G2(0, "full (MT2 U3 W4)"); G2(1, "no activation copies"); G2(2, "no scale loads"); G2(4, "no arithmetic");
       }"""
 
-PRE_RUNS = """      auto pre = [&](int W) { const int per = (chunks + W - 1) / W; return W * PreLayout(M, per, (per + 1) / 2 + 1, false).bytes; };
+PRE_RUNS = """      auto pre = [&](int W) { return W * PreLayout(M, chunks, W, 1, false).bytes; };
       run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
       run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
       run("gemv_pre U2 W8", M, (const void*)w4a16_gemv_pre<B, 2, false, 8, 4>, 256, pre(8), 1, false);

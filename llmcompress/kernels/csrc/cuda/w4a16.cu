@@ -274,10 +274,14 @@ __global__ void __launch_bounds__(W * 32, MINB)
 // (M x 2 KB per warp at K = 8192, from L2 before any arithmetic) costs more than it saves: M = 2 ran 17.9 us
 // against the register kernel's 17.6.
 struct PreLayout {  // one warp's shared memory: activation rows (16-byte pad), scales [group][16], zero points
-  int x_stride, x_bytes, s_off, z_off, zero_off, bytes;
-  __host__ __device__ PreLayout(int xrows, int per, int ngroups, bool has_z) {
+  int per, ngroups, x_stride, x_bytes, s_off, z_off, zero_off, bytes;
+  // M token rows, W warps splitting `chunks` 64-column chunks (a run of per = ceil(chunks / W) chunks spans at
+  // most ceil(per / chunks per group) + 1 groups)
+  __host__ __device__ PreLayout(int M, int chunks, int W, int cshift, bool has_z) {
+    per = (chunks + W - 1) / W;
+    ngroups = (per + (1 << cshift) - 1) / (1 << cshift) + 1;
     x_stride = per * 128 + 16;  // the pad puts the rows an ldmatrix reads in distinct bank groups
-    x_bytes = xrows * x_stride;
+    x_bytes = M * x_stride;
     s_off = x_bytes;
     z_off = s_off + ngroups * 16 * 4;
     zero_off = (z_off + (has_z ? ngroups * 16 : 0) + 15) & ~15;
@@ -292,10 +296,8 @@ __global__ void __launch_bounds__(W * 32, MINB)
                    int K, int G, int cshift, int chunks) {
   const int nt = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  const int per = (chunks + W - 1) / W;
-  const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
-  const int cpg = 1 << cshift, ngroups = (per + cpg - 1) / cpg + 1;
-  const PreLayout lay(M, per, ngroups, HAS_Z);
+  const PreLayout lay(M, chunks, W, cshift, HAS_Z);
+  const int cb = min(chunks, warp * lay.per), ce = min(chunks, cb + lay.per);
   extern __shared__ __align__(128) uint8_t pre_smem[];
   uint8_t* const base = pre_smem + warp * lay.bytes;
   const uint8_t* const zero16 = base + lay.zero_off;
@@ -542,8 +544,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       // (LLMC_W4_PRE=0 turns it off: tests, sweeps.) Shared memory per block: 8 warps' activation runs, scales
       // and zero points; past 96 KB (K of about 48,000 at g128) too few blocks fit an SM and w4a16_gemv runs.
       constexpr int kW = 8;
-      const int per = (chunks + kW - 1) / kW, cpg = 1 << cshift;
-      const int smem = kW * PreLayout(1, per, (per + cpg - 1) / cpg + 1, zp != nullptr).bytes;
+      const int smem = kW * PreLayout(1, chunks, kW, cshift, zp != nullptr).bytes;
       if (smem <= 96 * 1024) {
         auto go = [&](auto kernel) {
           launch_attrs_once(kernel, smem);
