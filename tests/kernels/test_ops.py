@@ -68,6 +68,27 @@ def test_quantize_per_token_bit_exact(device, dtype, m, k):
     assert s[m // 2].item() == 1.0 and (q[m // 2] == 0).all()
 
 
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scalar", ["0", "1"])
+def test_cuda_quantizers_every_row_plan(dtype, scalar, monkeypatch):
+    """The CUDA quantizers' row plans (LLMC_QUANT_SCALAR=1 forces the scalar kernel): 1 to 8 16-byte vectors a
+    thread (K = 8 ... 14336, 20000), rows too long for them (K = 70000), K not a multiple of a vector (1000 for
+    float32's 4 elements, not for 8; 1001 for neither) and a misaligned x (a view one element in, K - 1 wide)."""
+    monkeypatch.setenv("LLMC_QUANT_SCALAR", scalar)
+    for m, k in [(5, 8), (3, 1000), (3, 1001), (7, 2048), (2, 8192), (3, 14336), (2, 20000), (2, 70000)]:
+        x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(dtype)
+        x[m // 2] = 0
+        for xx in (x, x.reshape(-1)[1:1 + m * (k - 1)].view(m, k - 1)):  # a view one element in: misaligned
+            q, s = ops.quantize_per_token(xx)
+            q_ref, s_ref = ref.quantize_per_token(xx)
+            assert torch.equal(s, s_ref) and torch.equal(q, q_ref), (k, tuple(xx.shape))
+            if compiled("cuda"):
+                q8, s8 = torch.ops.llmc.quantize_fp8(xx, None)
+                q8_ref, s8_ref = _fp8_torch(xx)
+                assert torch.equal(s8, s8_ref) and torch.equal(q8.view(torch.uint8), q8_ref.view(torch.uint8)), k
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantize_static_scale_and_leading_dims(device):
     x = torch.randn(2, 5, 200, device=device) * 4
@@ -316,8 +337,12 @@ def test_cuda_mma_layout_decodes_like_the_kernel():
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("m", [300, 1030])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_prefill_sizes(m, out_dtype):
-    """M > 256: the large-tile W8A8 GEMM (cooperative 128 x 256 tiles) and W4A16's dequantize-then-GEMM path."""
+@pytest.mark.parametrize("pieces", [False, True])
+def test_cuda_prefill_sizes(m, out_dtype, pieces, monkeypatch):
+    """M > 256: the large-tile W8A8 GEMM (cooperative 128 x 256 tiles) and W4A16's dequantize-then-GEMM path,
+    whole or (pieces) dequantized 160 rows at a time, the last piece 40 rows."""
+    if pieces:
+        monkeypatch.setenv("LLMC_W4_DEQUANT_ELEMS", str(160 * 1024))
     k, n = 1024, 520
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     x_scale = torch.rand(m, device="cuda") * 0.1 + 1e-3
@@ -409,6 +434,25 @@ def test_cuda_w8a8_decode_loops(pipe, pair, monkeypatch):
 
 
 SM90 = CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
+@pytest.mark.parametrize("tile_n", ["0", "224", "256"])
+def test_cuda_w8a8_large_tile_widths(tile_n, monkeypatch):
+    """The large-tile W8A8 GEMMs, 128 x 256 and 128 x 224 (LLMC_W8_TILE_N; 0: chosen by wave count): ragged M and
+    N against both widths (4600 = 17 x 256 + 248 = 20 x 224 + 120), an odd count of 128-row tiles (the 2 x 1
+    clusters pad it), N = 14336 at M = 1024 (where the choice is 224), every output dtype."""
+    monkeypatch.setenv("LLMC_W8_TILE_N", tile_n)
+    for m, k, n, out_dtype in [(1030, 1664, 4600, torch.bfloat16), (300, 1024, 520, torch.float16),
+                               (1024, 512, 14336, torch.float32), (385, 256, 232, torch.bfloat16)]:
+        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        x_scale = torch.rand(m, device="cuda") * 0.1 + 1e-3
+        w_q, w_scale = random_w8(n, k, "cuda")
+        bias = torch.randn(n, device="cuda")
+        y = ops.w8a8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        y_ref = ref.w8a8_mm(x_q.cpu(), x_scale.cpu(), w_q.cpu(), w_scale.cpu(), bias.cpu(), torch.float64,
+                            compute_dtype=torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[out_dtype], (tile_n, m, k, n)
 
 
 @pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
