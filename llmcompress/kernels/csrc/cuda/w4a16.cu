@@ -616,8 +616,13 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  constexpr int kRows = 2048;
-  at::Tensor w = at::empty({std::min(N, kRows), K}, x.options());
+  // Dequantize into a scratch weight and call cuBLAS. The whole weight in one piece where it is at most 64 Mi
+  // elements (128 MB: every linear of an 8B Llama): each further piece costs a dequantize launch, a GEMM and a
+  // copy of its output columns into place (2,048-row pieces made a 1B model's W4A16 prefill on an H100 half as
+  // fast as bf16, mostly host time). LLMC_W4_DEQUANT_ELEMS sets the budget (tests: several ragged pieces).
+  const int64_t budget = env_int("LLMC_W4_DEQUANT_ELEMS", 64 << 20);
+  const int kRows = int(std::min<int64_t>(N, std::max<int64_t>(16, budget / K / 16 * 16)));
+  at::Tensor w = at::empty({kRows, K}, x.options());
   for (int n0 = 0; n0 < N; n0 += kRows) {
     const int rows = std::min(kRows, N - n0);
     const int64_t words = (int64_t)((rows + 15) / 16) * chunks * 128;
