@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -195,7 +196,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict], speedups: list[dict]) -> str:
-    lines = [f"# Kernel benchmark: {meta['device_name']}", "", f"Command: `{meta['command']}`", "",
+    command = " ".join([f"{k}={v}" for k, v in meta.get("settings", {}).items()] + [meta["command"]])
+    lines = [f"# Kernel benchmark: {meta['device_name']}", "", f"Command: `{command}`", "",
              f"torch {meta['torch']}, backend {meta['backend']}, measured copy bandwidth "
              f"{meta['bandwidth_gbps']:.0f} GB/s (read + write). {meta['timing']}", "",
              "## Speedups (peer time / llmc time; > 1 means llmc is faster)", ""]
@@ -257,6 +259,7 @@ def main() -> None:
     bw = measure_bandwidth(device)
     meta = dict(device=device, device_name=name, torch=torch.__version__, backend=ops.backend(device),
                 bandwidth_gbps=bw / 1e9, command="python " + " ".join(sys.argv), group_size=GROUP,
+                settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("LLMC_")},
                 timing=("CUDA graph over rotating weight copies (> 2x L2), event-timed, median of 7 replays"
                         if device == "cuda" else "perf_counter over back-to-back calls on rotating weight copies (~20 ms a sample), the ops' samples interleaved, median of 7"))
     print(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s, backend {meta['backend']}", flush=True)

@@ -21,6 +21,8 @@ bool w8a8_sm90_f32(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
 #if defined(LLMC_WITH_CUTLASS)
 #include <c10/cuda/CUDAStream.h>
 
+// The 64 x 224 int8 wgmma atom (the 128 x 224 tiles below) is one of CuTe's "extended" shapes, off by default.
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -30,6 +32,8 @@ bool w8a8_sm90_f32(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+
+#include "common.cuh"
 
 namespace llmc::cuda::sm90 {
 
@@ -103,13 +107,32 @@ struct Int8Gemm {
 // (two consumer warp groups) on 2 x 1 clusters. Measured on an H100, M = 1024 / 4096 at 8192 x 8192, bf16 out:
 // 1.87x / 1.81x bf16 matmul against 1.05x / 1.10x for 128 x 128 ping-pong (vLLM's choice) and 1.11x / 1.15x
 // for 128 x 128 x 256 (scripts/results/h100/README.md has the sweep).
+// The large tiles are 224 wide instead where that takes fewer tile-widths of waves: tiles run in waves of one per
+// SM, and a tile's time goes with its width, so the cost is waves x width. N = 14336 at M = 1024 is 448 tiles of
+// 256 (3.4 waves on 132 SMs, the fourth 39% full: 4 x 256) or 512 of 224 (3.9 waves: 4 x 224). Stream-K, which
+// splits the last waves' K loops instead, measured slower there (114.5 against 108.6 us). LLMC_W8_TILE_N=256|224
+// forces one (tests, sweeps).
+inline int large_tile_n(int M, int N) {
+  const int forced = env_int("LLMC_W8_TILE_N", 0);
+  if (forced == 224 || forced == 256) return forced;
+  const int64_t sms = sm_count(), row_tiles = ((M + 127) / 128 + 1) / 2 * 2;  // 2 x 1 clusters: an even count
+  auto cost = [&](int64_t w) { return (row_tiles * ((N + w - 1) / w) + sms - 1) / sms * w; };
+  return cost(224) < cost(256) ? 224 : 256;
+}
+
 template <typename ElementD>
 bool dispatch(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
               const float* bias, at::Tensor& out) {
-  if (x_q.size(0) <= 256)
+  using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  const int M = x_q.size(0), N = w_q.size(0);
+  if (M <= 256)
     return Int8Gemm<ElementD, Shape<_64, _128, _128>, Shape<_1, _2, _1>>::run(x_q, x_scale, w_q, w_scale, bias, out);
-  return Int8Gemm<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                  cutlass::epilogue::TmaWarpSpecializedCooperative>::run(x_q, x_scale, w_q, w_scale, bias, out);
+  if (large_tile_n(M, N) == 224)
+    return Int8Gemm<ElementD, Shape<_128, _224, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>::run(x_q, x_scale, w_q, w_scale,
+                                                                                            bias, out);
+  return Int8Gemm<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>::run(x_q, x_scale, w_q, w_scale,
+                                                                                          bias, out);
 }
 
 }  // namespace llmc::cuda::sm90
