@@ -334,16 +334,8 @@ def test_cuda_mma_layout_decodes_like_the_kernel():
     assert torch.equal(got[:n, :k], ref.unpack_int4(qweight, k).to(torch.int64))
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("m", [300, 1030])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pieces", [False, True])
-def test_cuda_prefill_sizes(m, out_dtype, pieces, monkeypatch):
-    """M > 256: the large-tile W8A8 GEMM (cooperative 128 x 256 tiles) and W4A16's dequantize-then-GEMM path,
-    whole or (pieces) dequantized 160 rows at a time, the last piece 40 rows."""
-    if pieces:
-        monkeypatch.setenv("LLMC_W4_DEQUANT_ELEMS", str(160 * 1024))
-    k, n = 1024, 520
+def cuda_w8a8_error(m: int, k: int, n: int, out_dtype: torch.dtype) -> float:
+    """rel_err of llmc::w8a8_mm on CUDA (random int8 operands, scales and a bias) against the float64 reference."""
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     x_scale = torch.rand(m, device="cuda") * 0.1 + 1e-3
     w_q, w_scale = random_w8(n, k, "cuda")
@@ -351,7 +343,20 @@ def test_cuda_prefill_sizes(m, out_dtype, pieces, monkeypatch):
     y = ops.w8a8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     y_ref = ref.w8a8_mm(x_q.cpu(), x_scale.cpu(), w_q.cpu(), w_scale.cpu(), bias.cpu(), torch.float64,
                         compute_dtype=torch.float64)
-    assert rel_err(y.cpu(), y_ref) < TOL[out_dtype]
+    return rel_err(y.cpu(), y_ref)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("m", [300, 1030])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pieces", [False, True])
+def test_cuda_prefill_sizes(m, out_dtype, pieces, monkeypatch):
+    """M > 256: the large-tile W8A8 GEMM (cooperative 128 x 224 or 256 tiles) and W4A16's dequantize-then-GEMM path,
+    whole or (pieces) dequantized 160 rows at a time, the last piece 40 rows."""
+    if pieces:
+        monkeypatch.setenv("LLMC_W4_DEQUANT_ELEMS", str(160 * 1024))
+    k, n = 1024, 520
+    assert cuda_w8a8_error(m, k, n, out_dtype) < TOL[out_dtype]
     if out_dtype == torch.float32:
         return
     qweight, scales, zeros = random_w4(n, k, 128, True, "cuda", scale_dtype=out_dtype)
@@ -445,14 +450,7 @@ def test_cuda_w8a8_large_tile_widths(tile_n, monkeypatch):
     monkeypatch.setenv("LLMC_W8_TILE_N", tile_n)
     for m, k, n, out_dtype in [(1030, 1664, 4600, torch.bfloat16), (300, 1024, 520, torch.float16),
                                (1024, 512, 14336, torch.float32), (385, 256, 232, torch.bfloat16)]:
-        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
-        x_scale = torch.rand(m, device="cuda") * 0.1 + 1e-3
-        w_q, w_scale = random_w8(n, k, "cuda")
-        bias = torch.randn(n, device="cuda")
-        y = ops.w8a8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        y_ref = ref.w8a8_mm(x_q.cpu(), x_scale.cpu(), w_q.cpu(), w_scale.cpu(), bias.cpu(), torch.float64,
-                            compute_dtype=torch.float64)
-        assert rel_err(y.cpu(), y_ref) < TOL[out_dtype], (tile_n, m, k, n)
+        assert cuda_w8a8_error(m, k, n, out_dtype) < TOL[out_dtype], (tile_n, m, k, n)
 
 
 @pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
