@@ -262,7 +262,8 @@ def main() -> None:
                 settings={k: v for k, v in sorted(os.environ.items())
                           if k.startswith("LLMC_") and k != "LLMC_CACHE"},  # kernel choices, for the command line
                 timing=("CUDA graph over rotating weight copies (> 2x L2), event-timed, median of 7 replays"
-                        if device == "cuda" else "perf_counter over back-to-back calls on rotating weight copies (~20 ms a sample), the ops' samples interleaved, median of 7"))
+                        if device == "cuda" else "perf_counter over back-to-back calls on rotating weight copies "
+                        "(~20 ms a sample), the ops' samples interleaved, median of 7"))
     print(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s, backend {meta['backend']}", flush=True)
     rows = []
     for k, n in kns:
