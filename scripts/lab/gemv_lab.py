@@ -4,6 +4,7 @@ other shapes, bf16, g128 symmetric, 10 rotating weight copies (> 2x L2), median 
 
     python scripts/lab/gemv_lab.py --ablate     # the kernel with its activation copies / scale loads / arithmetic cut
     python scripts/lab/gemv_lab.py --ring       # against the shared-memory ring kernel of gemv_ring_kernel.cuh
+    python scripts/lab/gemv_lab.py --interleave # a bank's chunks as one block of independent mma chains (session 8)
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/rf scripts/lab/read_floor.cu && /tmp/rf
 
 The ablated kernels compute nothing useful; they only show where the time goes (scripts/results/h100_s6_gemv).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
-GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>"
+GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
 PRE_START = "// Decode for one token (M = 1)"
 LD256 = """
@@ -92,6 +93,21 @@ PRE_RUNS = """      auto pre = [&](int W) { return W * PreLayout(M, chunks, W, 1
       run("gemv_pre U2 W8", M, (const void*)w4a16_gemv_pre<B, 2, false, 8, 4>, 256, pre(8), 1, false);
       run("gemv_pre U2 W8 L2::256B", M, (const void*)w4a16_gemv_pre256<B, 2, false, 8, 4>, 256, pre(8), 1, false);"""
 
+INTERLEAVE_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+      if (M == 1) continue;
+      if (M <= 8) {
+        run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4, false>, 128, gsm(4, 4, 1), 1, false);
+        run("gemv U4 W4 interleaved", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4, true>, 128, gsm(4, 4, 1), 1, false);
+        run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4, false>, 256, gsm(8, 2, 1), 1, false);
+        run("gemv U2 W8 interleaved", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4, true>, 256, gsm(8, 2, 1), 1, false);
+      } else {
+        run("gemv MT2 U3 W4", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 4, false>, 128, gsm(4, 3, 2), 2, false);
+        run("gemv MT2 U3 W4 interleaved", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 4, true>, 128, gsm(4, 3, 2), 2, false);
+        run("gemv MT2 U2 W4 interleaved", M, (const void*)w4a16_gemv<B, 2, 2, false, 4, 4, true>, 128, gsm(4, 2, 2), 2, false);
+        run("gemv MT2 U4 W4 interleaved", M, (const void*)w4a16_gemv<B, 2, 4, false, 4, 4, true>, 128, gsm(4, 4, 2), 2, false);
+        run("gemv MT2 U2 W8 MINB2 interleaved", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 2, true>, 256, gsm(8, 2, 2), 2, false);
+      }"""
+
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
         run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
@@ -128,7 +144,7 @@ def gemv_kernel(ablate: bool) -> str:
         return k
     k = k[:k.index(PRE_START)]  # w4a16_gemv alone
     edits = [
-        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL>"),
+        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL, bool BANK = false>"),
         ("  auto stage_x = [&](int ring, int c) {\n    if (c < ce) {", "  auto stage_x = [&](int ring, int c) {\n    if (!(ABL & 1) && c < ce) {"),
         ("  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n    uint32_t b[MT][4][2];",
          "  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n"
@@ -149,6 +165,8 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ablate", action="store_true")
     mode.add_argument("--ring", action="store_true")
+    mode.add_argument("--interleave", action="store_true", help="w4a16_gemv computing a bank's chunks as one "
+                      "branch-free block of independent mma chains (BANK), against one chunk at a time; M = 4, 8, 16")
     mode.add_argument("--pre", action="store_true", help="w4a16_gemv against w4a16_gemv_pre (activations and scales "
                       "copied to shared memory once per warp), M = 1 and 2")
     ap.add_argument("--keep", type=Path, default=None, help="also write the generated .cu here")
@@ -161,7 +179,7 @@ def main() -> None:
         body += LD256 + pre.replace("w4a16_gemv_pre(", "w4a16_gemv_pre256(").replace("ld_stream(", "ld256(")
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
-    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else PRE_RUNS
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else PRE_RUNS
     harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 2" if args.pre else "1, 4, 8, 16")
     src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:

@@ -389,7 +389,8 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
     """Both shapes of the decode gemv kernel (LLMC_W4_GEMV_WIDE: 4 or 8 warps splitting K), one and two 8-token
-    tiles, K of 3 chunks (fewer than the warps splitting it) and of 40, ragged N."""
+    tiles, with and without the banked chunks (BANK: 4 warps at M = 2-8, 8 warps at M = 9-16), K of 3 chunks
+    (fewer than the warps splitting it) and of 40 (a bank only partly inside a warp's run), ragged N."""
     monkeypatch.setenv("LLMC_W4_GEMV_WIDE", wide)
     monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
     monkeypatch.setenv("LLMC_W4_PRE", "0")  # M = 1 would go to w4a16_gemv_pre

@@ -165,8 +165,9 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // Decode, M <= 32 (16-token tiles side by side past 16): a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
-// W warps per block; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps).
-template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4>
+// W warps per block; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps); BANK:
+// a bank's chunks computed together (bank() below).
+template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>
 __global__ void __launch_bounds__(W * 32, MINB)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
@@ -218,7 +219,47 @@ __global__ void __launch_bounds__(W * 32, MINB)
         ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
         b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
       }
-    sl.mma_scaled<MT>(b, acc);
+    sl.template mma_scaled<MT>(b, acc);
+  };
+  // BANK: a bank's U chunks (ring entries r0 .. r0 + U - 1) at once, with no branch between them, so their U x MT
+  // mma chains are independent and the scheduler interleaves them (chunk() runs one chunk's chain after another's).
+  // A chunk past the run reads the bank's last valid ring entry (landed, finite) and has scale 0 (Slot::load).
+  auto bank = [&](const Slot<T> (&sl)[U], int c, int r0) {
+    uint32_t b[U][MT][4][2];
+    float part[U][MT][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint4* xr_s = xring + (r0 + min(c + u, ce - 1) - c) * (MT * 64);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int s2 = 0; s2 < 2; ++s2) {
+          const int row = mt * 8 + (lane & 7);
+          uint32_t r4[4];
+          ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
+          b[u][mt][2 * s2][0] = r4[0], b[u][mt][2 * s2][1] = r4[1];
+          b[u][mt][2 * s2 + 1][0] = r4[2], b[u][mt][2 * s2 + 1][1] = r4[3];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[u][mt][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        uint32_t a[4];
+        sl[u].codes(s, a);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[u][mt], a, b[u][mt][s][0], b[u][mt][s][1]);
+      }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][0] += sl[u].s0 * part[u][mt][0], acc[mt][1] += sl[u].s0 * part[u][mt][1];
+        acc[mt][2] += sl[u].s1 * part[u][mt][2], acc[mt][3] += sl[u].s1 * part[u][mt][3];
+      }
   };
 
   Slot<T> sa[U], sb[U];
@@ -239,9 +280,13 @@ __global__ void __launch_bounds__(W * 32, MINB)
       cp_async_wait<1>();  // bank A's activations have landed (this lane's copies)...
       __syncwarp();        // ...and every lane's
     }
+    if (BANK) {
+      bank(sa, c, 0);
+    } else {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (c + u < ce) chunk(sa[u], c + u, u);
+      for (int u = 0; u < U; ++u)
+        if (c + u < ce) chunk(sa[u], c + u, u);
+    }
     __syncwarp();  // bank A's ring entries are read before they are refilled
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -253,9 +298,13 @@ __global__ void __launch_bounds__(W * 32, MINB)
       cp_async_wait<1>();
       __syncwarp();
     }
+    if (BANK) {
+      if (c + U < ce) bank(sb, c + U, U);
+    } else {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (c + U + u < ce) chunk(sb[u], c + U + u, U + u);
+      for (int u = 0; u < U; ++u)
+        if (c + U + u < ce) chunk(sb[u], c + U + u, U + u);
+    }
     __syncwarp();
   }
   cp_async_wait<0>();
@@ -345,7 +394,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
       ldmatrix_x4(r4, src);
       b[0][2 * s2][0] = r4[0], b[0][2 * s2][1] = r4[1], b[0][2 * s2 + 1][0] = r4[2], b[0][2 * s2 + 1][1] = r4[3];
     }
-    sl.mma_scaled<1>(b, acc);
+    sl.template mma_scaled<1>(b, acc);
   };
   for (int c = cb; c < ce; c += 2 * U) {
 #pragma unroll
@@ -568,14 +617,20 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       // Few 16-feature tiles for the SMs (N = 4096 on H100: 256 blocks, about 2 per SM, so 8 warps per SM at 4
       // per block): then 8 warps per block split K, with two slots per bank to fit 64 registers. On H100
       // (scripts/results/h100_gemv_sweep) M = 1 at 4096 x 4096: 6.6 against 7.2 us; 14336 x 4096: 18.4 against
-      // 18.8. With more tiles it loses (8192 x 8192: 19.9 against 18.0), and at M = 9-16 (8.4 against 7.5 at
-      // 4096 x 4096). LLMC_W4_GEMV_WIDE=0/1 forces the choice (tests, sweeps).
+      // 18.8. With more tiles it loses (8192 x 8192: 19.9 against 18.0). At M = 9-16 the 8-warp kernel with two
+      // 8-token tiles, two slots and its banks' mma chains interleaved (BANK) fits 128 registers at 2 blocks per SM;
+      // past M = 8 on more tiles, and at M = 2-8, BANK is the 4-warp kernel's choice where it is ahead
+      // (scripts/results/h100_s8_gemv, lab_interleave.txt: M = 16 at 14336 x 4096 18.4 against 19.4 us, 4096 x
+      // 4096 6.7 against 7.2; M = 8 at 8192 x 8192 17.0 against 17.5, at 4096 x 14336 15.9 against 16.3; it loses
+      // in the 4-warp M = 16 kernel, 21.9 against 19.0, and in the 8-warp M <= 8 one, 6.8 against 6.2).
+      // LLMC_W4_GEMV_WIDE=0/1 forces the choice (tests, sweeps).
       const int sms = sm_count();
       const bool wide = env_int("LLMC_W4_GEMV_WIDE", (N + 15) / 16 <= 2 * sms ? 1 : 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
         if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 4>, 1, 2, 8);
-        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z>, 1, 4, 4);
+        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z, 4, 4, true>, 1, 4, 4);
+        else if (M <= 16 && wide) go(w4a16_gemv<T, 2, 2, Z, 8, 2, true>, 2, 2, 8);
         else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
       };
       if (zp != nullptr) pick(std::true_type{});
