@@ -5,6 +5,7 @@ other shapes, bf16, g128 symmetric, 10 rotating weight copies (> 2x L2), median 
     python scripts/lab/gemv_lab.py --ablate     # the kernel with its activation copies / scale loads / arithmetic cut
     python scripts/lab/gemv_lab.py --ring       # against the shared-memory ring kernel of gemv_ring_kernel.cuh
     python scripts/lab/gemv_lab.py --interleave # a bank's chunks as one block of independent mma chains (session 8)
+    python scripts/lab/gemv_lab.py --tiles      # 2 or 4 16-feature tiles a block sharing each activation chunk
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/rf scripts/lab/read_floor.cu && /tmp/rf
 
 The ablated kernels compute nothing useful; they only show where the time goes (scripts/results/h100_s6_gemv).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
-GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>"
+GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false, int TILES = 1>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
 PRE_START = "// Decode for one token (M = 1)"
 LD256 = """
@@ -54,13 +55,13 @@ int main() {
     }
     B *x, *out; CK(cudaMalloc(&x, 16 * K * 2)); CK(cudaMemset(x, 0, 16 * K * 2)); CK(cudaMalloc(&out, 16 * N * 2));
     cudaStream_t st; CK(cudaStreamCreate(&st));
-    auto run = [&](const char* name, int M, const void* kernel, int threads, int smem, int mt, bool ring) {
+    auto run = [&](const char* name, int M, const void* kernel, int threads, int smem, int mt, bool ring, int tiles = 1) {
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
       const int xrows = std::min(M, 8 * mt);
       const float us = graph_time_us(st, NB, [&](int i) {
         if (ring) ((Ring)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks, xrows);
-        else ((Gemv)kernel)<<<dim3(N / 16, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks);
+        else ((Gemv)kernel)<<<dim3(N / 16 / tiles, 1), threads, smem, st>>>(x, wq[i], sc[i], nullptr, nullptr, out, M, N, K, G, 1, chunks);
       });
       printf("%5dx%-5d M=%2d %-28s %7.2f us\\n", K, N, M, name, us);
     };
@@ -108,6 +109,25 @@ INTERLEAVE_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 *
         run("gemv MT2 U2 W8 MINB2 interleaved", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 2, true>, 256, gsm(8, 2, 2), 2, false);
       }"""
 
+TILES_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+      if (M == 1) continue;
+      if (M <= 8) {
+        run("gemv U4 W4 bank", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4, true, 1>, 128, gsm(4, 4, 1), 1, false);
+        run("gemv U4 W4 bank 2 tiles", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 2, true, 2>, 256, gsm(4, 4, 1), 1, false, 2);
+        run("gemv U4 W4 2 tiles", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 2, false, 2>, 256, gsm(4, 4, 1), 1, false, 2);
+        run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4, false, 1>, 256, gsm(8, 2, 1), 1, false);
+        run("gemv U2 W8 2 tiles", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 2, false, 2>, 512, gsm(8, 2, 1), 1, false, 2);
+      } else {
+        run("gemv MT2 U3 W4", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 4, false, 1>, 128, gsm(4, 3, 2), 2, false);
+        run("gemv MT2 U3 W4 2 tiles", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 2, false, 2>, 256, gsm(4, 3, 2), 2, false, 2);
+        run("gemv MT2 U2 W4 2 tiles", M, (const void*)w4a16_gemv<B, 2, 2, false, 4, 2, false, 2>, 256, gsm(4, 2, 2), 2, false, 2);
+        run("gemv MT2 U2 W4 bank 2 tiles", M, (const void*)w4a16_gemv<B, 2, 2, false, 4, 2, true, 2>, 256, gsm(4, 2, 2), 2, false, 2);
+        run("gemv MT2 U3 W4 bank 2 tiles", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 2, true, 2>, 256, gsm(4, 3, 2), 2, false, 2);
+        run("gemv MT2 U2 W8 MINB2 bank", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 2, true, 1>, 256, gsm(8, 2, 2), 2, false);
+        run("gemv MT2 U2 W8 bank 2 tiles", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 1, true, 2>, 512, gsm(8, 2, 2), 2, false, 2);
+        run("gemv MT2 U3 W4 4 tiles", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 1, false, 4>, 512, gsm(4, 3, 2), 2, false, 4);
+      }"""
+
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
         run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
@@ -144,7 +164,7 @@ def gemv_kernel(ablate: bool) -> str:
         return k
     k = k[:k.index(PRE_START)]  # w4a16_gemv alone
     edits = [
-        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL, bool BANK = false>"),
+        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL, bool BANK = false, int TILES = 1>"),
         ("  auto stage_x = [&](int ring, int c) {\n    if (c < ce) {", "  auto stage_x = [&](int ring, int c) {\n    if (!(ABL & 1) && c < ce) {"),
         ("  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n    uint32_t b[MT][4][2];",
          "  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n"
@@ -165,6 +185,8 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ablate", action="store_true")
     mode.add_argument("--ring", action="store_true")
+    mode.add_argument("--tiles", action="store_true", help="w4a16_gemv with two or four 16-feature tiles a block "
+                      "sharing each activation chunk (TILES), M = 4, 8, 16")
     mode.add_argument("--interleave", action="store_true", help="w4a16_gemv computing a bank's chunks as one "
                       "branch-free block of independent mma chains (BANK), against one chunk at a time; M = 4, 8, 16")
     mode.add_argument("--pre", action="store_true", help="w4a16_gemv against w4a16_gemv_pre (activations and scales "
@@ -179,7 +201,7 @@ def main() -> None:
         body += LD256 + pre.replace("w4a16_gemv_pre(", "w4a16_gemv_pre256(").replace("ld_stream(", "ld256(")
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
-    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else PRE_RUNS
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else TILES_RUNS if args.tiles else PRE_RUNS
     harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 2" if args.pre else "1, 4, 8, 16")
     src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:

@@ -388,9 +388,10 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
 @pytest.mark.parametrize("wide", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
-    """Both shapes of the decode gemv kernel (LLMC_W4_GEMV_WIDE: 4 or 8 warps splitting K), one and two 8-token
-    tiles, with and without the banked chunks (BANK: 4 warps at M = 2-8, 8 warps at M = 9-16), K of 3 chunks
-    (fewer than the warps splitting it) and of 40 (a bank only partly inside a warp's run), ragged N."""
+    """Both shapes of the decode gemv kernel (LLMC_W4_GEMV_WIDE: 4 warps splitting K, or 8, with two 16-feature
+    tiles a block sharing the activations at M <= 8), one and two 8-token tiles, with and without the banked chunks
+    (BANK: 4 warps at M = 2-8, 8 warps at M = 9-16), K of 3 chunks (fewer than the warps splitting it) and of 40 (a
+    bank only partly inside a warp's run), ragged N (N = 100: 7 tiles, the last block's second is past N)."""
     monkeypatch.setenv("LLMC_W4_GEMV_WIDE", wide)
     monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
     monkeypatch.setenv("LLMC_W4_PRE", "0")  # M = 1 would go to w4a16_gemv_pre

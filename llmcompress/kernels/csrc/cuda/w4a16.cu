@@ -165,19 +165,26 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // Decode, M <= 32 (16-token tiles side by side past 16): a block of 4 warps per 16 output features (few registers: 4 blocks, one wave, per SM at
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
-// W warps per block; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps); BANK:
-// a bank's chunks computed together (bank() below).
-template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>
-__global__ void __launch_bounds__(W * 32, MINB)
+// W warps per 16-feature tile; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps);
+// BANK: a bank's chunks computed together (bank() below); TILES: 16-feature tiles per block, whose warps with the
+// same K run share one activation ring (each copies 1 / TILES of it, a named barrier per pair in place of
+// __syncwarp), so each activation chunk leaves L2 once per TILES tiles.
+template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false, int TILES = 1>
+__global__ void __launch_bounds__(W * 32 * TILES, MINB)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
                int G, int cshift, int chunks) {
-  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // warp: the index of this warp's K run; tile: which of the block's 16-feature tiles it computes (compile-time
+  // 0 for one tile, so the activation copies below unroll)
+  const int wall = threadIdx.x >> 5, tile = TILES == 1 ? 0 : wall / W, warp = TILES == 1 ? wall : wall % W;
+  const int nt = blockIdx.x * TILES + tile, m0 = blockIdx.y * 8 * MT;
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+  // a tile past N (the last block's, N ragged) reads the last tile's codes (its results are never stored)
+  const int ntc = min(nt, (N + 15) / 16 - 1);
   const int row0 = nt * 16 + g, row1 = row0 + 8;
   const int per = (chunks + W - 1) / W;
   const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
-  const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
+  const uint4* wp = qw + ((int64_t)ntc * chunks + cb) * 32 + lane;
   const float* sp0 = scales + (int64_t)min(row0, N - 1) * G;
   const float* sp1 = scales + (int64_t)min(row1, N - 1) * G;
   // Symmetric weights (HAS_Z false) take the constant zero point 8: no loads, no conversions.
@@ -195,10 +202,15 @@ __global__ void __launch_bounds__(W * 32, MINB)
   constexpr int R = 2 * U;                    // ring entries per warp: one per slot of the two banks
   extern __shared__ __align__(128) uint4 xring_all[];
   uint4* xring = xring_all + warp * (R * MT * 64);  // [R][MT * 8 tokens][8 units of 16 bytes], swizzled
+  static_assert(MT * 2 % TILES == 0, "the tiles split a ring entry's copies evenly");
+  auto ring_sync = [&]() {
+    if (TILES == 1) __syncwarp();
+    else asm volatile("bar.sync %0, %1;" ::"r"(1 + warp), "n"(TILES * 32) : "memory");  // barrier 0 is __syncthreads
+  };
   auto stage_x = [&](int ring, int c) {
     if (c < ce) {
 #pragma unroll
-      for (int j = 0; j < MT * 2; ++j) {
+      for (int j = tile; j < MT * 2; j += TILES) {
         const int i = lane + 32 * j, tok = i >> 3, unit = i & 7;
         const bool valid = m0 + tok < M;
         cp_async16(xring + ring * (MT * 64) + tok * 8 + (unit ^ (tok & 7)),
@@ -278,7 +290,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     {
       cp_async_commit();
       cp_async_wait<1>();  // bank A's activations have landed (this lane's copies)...
-      __syncwarp();        // ...and every lane's
+      ring_sync();         // ...and every lane's (of every warp sharing the ring)
     }
     if (BANK) {
       bank(sa, c, 0);
@@ -287,7 +299,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
       for (int u = 0; u < U; ++u)
         if (c + u < ce) chunk(sa[u], c + u, u);
     }
-    __syncwarp();  // bank A's ring entries are read before they are refilled
+    ring_sync();  // bank A's ring entries are read before they are refilled
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       sa[u].load(wp + (c - cb + 2 * U + u) * 32, sp0, sp1, zp0, zp1, c + 2 * U + u, cshift, c + 2 * U + u < ce);
@@ -296,7 +308,7 @@ __global__ void __launch_bounds__(W * 32, MINB)
     {
       cp_async_commit();
       cp_async_wait<1>();
-      __syncwarp();
+      ring_sync();
     }
     if (BANK) {
       if (c + U < ce) bank(sb, c + U, U);
@@ -305,11 +317,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
       for (int u = 0; u < U; ++u)
         if (c + U + u < ce) chunk(sb[u], c + U + u, U + u);
     }
-    __syncwarp();
+    ring_sync();
   }
   cp_async_wait<0>();
 
-  reduce_warps_store<W, MT>(acc, nt, m0, M, N, [&](int row, int tok, float v) {
+  reduce_warps_store<W, MT, TILES>(acc, blockIdx.x * TILES, m0, M, N, [&](int row, int tok, float v) {
     if (bias != nullptr) v += to_float(bias[row]);
     out[(int64_t)tok * N + row] = from_float<T>(v);
   });
@@ -607,31 +619,33 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       }
     }
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
-      auto go = [&](auto kernel, int mt, int u, int warps) {
-        const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
-        const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings
+      auto go = [&](auto kernel, int mt, int u, int warps, int tiles) {  // warps: per tile (K runs)
+        const dim3 grid((N + 16 * tiles - 1) / (16 * tiles), (M + 8 * mt - 1) / (8 * mt));
+        const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings, one per K run
         launch_attrs_once(kernel, smem);
-        kernel<<<grid, warps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
-                                                   cshift, chunks);
+        kernel<<<grid, warps * 32 * tiles, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N,
+                                                           int(K), G, cshift, chunks);
       };
-      // Few 16-feature tiles for the SMs (N = 4096 on H100: 256 blocks, about 2 per SM, so 8 warps per SM at 4
-      // per block): then 8 warps per block split K, with two slots per bank to fit 64 registers. On H100
-      // (scripts/results/h100_gemv_sweep) M = 1 at 4096 x 4096: 6.6 against 7.2 us; 14336 x 4096: 18.4 against
-      // 18.8. With more tiles it loses (8192 x 8192: 19.9 against 18.0). At M = 9-16 the 8-warp kernel with two
-      // 8-token tiles, two slots and its banks' mma chains interleaved (BANK) fits 128 registers at 2 blocks per SM;
-      // past M = 8 on more tiles, and at M = 2-8, BANK is the 4-warp kernel's choice where it is ahead
-      // (scripts/results/h100_s8_gemv, lab_interleave.txt: M = 16 at 14336 x 4096 18.4 against 19.4 us, 4096 x
-      // 4096 6.7 against 7.2; M = 8 at 8192 x 8192 17.0 against 17.5, at 4096 x 14336 15.9 against 16.3; it loses
-      // in the 4-warp M = 16 kernel, 21.9 against 19.0, and in the 8-warp M <= 8 one, 6.8 against 6.2).
-      // LLMC_W4_GEMV_WIDE=0/1 forces the choice (tests, sweeps).
+      // Few 16-feature tiles for the SMs (N = 4096 on H100: 256 tiles, about 2 per SM, so 8 warps per SM at 4 per
+      // block): then 8 warps per tile split K with two slots per bank: at M <= 8 two tiles a block sharing each
+      // activation chunk (TILES; 64 registers), at M = 9-16 one tile with two 8-token tiles and BANK (128
+      // registers). On H100, M = 1 at 4096 x 4096 (one tile a block, scripts/results/h100_gemv_sweep): 6.6 against
+      // 7.2 us for 4 warps; 14336 x 4096: 18.4 against 18.8. With more tiles it loses (8192 x 8192: 19.9 against
+      // 18.0). The second tile per block (scripts/results/h100_s8_gemv, lab_tiles*.txt, two machines): M = 8 at
+      // 14336 x 4096 17.0-17.8 -> 16.3-16.4 us, level at 4096 x 4096; at M = 16 it won on one machine and lost on the
+      // other (14336 x 4096: 20.0 -> 19.1 us, 18.3 -> 19.0), and in the benchmark (7.1 -> 7.4 us at 4096 x 4096),
+      // so M = 16 keeps one tile. On many tiles, BANK is the 4-warp M = 2-8 kernel's choice (lab_interleave.txt:
+      // M = 8 at 8192 x 8192 17.0 against 17.5, 4096 x 14336 15.9 against 16.3); it loses in the 4-warp M = 16
+      // kernel (21.9 against 19.0) and in the 8-warp M <= 8 one (6.8 against 6.2). LLMC_W4_GEMV_WIDE=0/1 forces
+      // the choice (tests, sweeps).
       const int sms = sm_count();
       const bool wide = env_int("LLMC_W4_GEMV_WIDE", (N + 15) / 16 <= 2 * sms ? 1 : 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
-        if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 4>, 1, 2, 8);
-        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z, 4, 4, true>, 1, 4, 4);
-        else if (M <= 16 && wide) go(w4a16_gemv<T, 2, 2, Z, 8, 2, true>, 2, 2, 8);
-        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
+        if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 2, false, 2>, 1, 2, 8, 2);
+        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z, 4, 4, true>, 1, 4, 4, 1);
+        else if (M <= 16 && wide) go(w4a16_gemv<T, 2, 2, Z, 8, 2, true>, 2, 2, 8, 1);
+        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4, 1);  // M > 16: 16-token tiles side by side in the grid
       };
       if (zp != nullptr) pick(std::true_type{});
       else pick(std::false_type{});
