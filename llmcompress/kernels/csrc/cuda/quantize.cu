@@ -30,6 +30,20 @@ struct Fp8Codes {
   }
 };
 
+// A row's scale from each thread's partial max |x| over its elements: the block's max (warp shuffles, then the warps'
+// maxima through warp_max, 32 floats of shared memory) / C::kMax; 1 for an all-zero row (or one whose scale
+// underflows). Every thread of the block must call it.
+template <typename C>
+__device__ __forceinline__ float row_scale(float amax, float* warp_max) {
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  amax = 0.f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) amax = fmaxf(amax, warp_max[w]);
+  const float s = amax / C::kMax;
+  return s > 0.f ? s : 1.f;
+}
+
 template <typename C, typename T>
 __global__ void quantize_rows(const T* __restrict__ x, const float* __restrict__ static_scale,
                               typename C::Q* __restrict__ q, float* __restrict__ scale, int64_t K) {
@@ -41,13 +55,7 @@ __global__ void quantize_rows(const T* __restrict__ x, const float* __restrict__
   } else {
     float amax = 0.f;
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(to_float(xr[k])));
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
-    __syncthreads();
-    amax = 0.f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) amax = fmaxf(amax, warp_max[w]);
-    s = amax / C::kMax;
-    if (!(s > 0.f)) s = 1.f;  // an all-zero row (or one whose scale underflows)
+    s = row_scale<C>(amax, warp_max);
   }
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
   typename C::Q* qr = q + blockIdx.x * K;
@@ -83,13 +91,7 @@ __global__ void quantize_rows_vec(const T* __restrict__ x, const float* __restri
 #pragma unroll
       for (int j = 0; j < E; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
     }
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
-    __syncthreads();
-    amax = 0.f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) amax = fmaxf(amax, warp_max[w]);
-    s = amax / C::kMax;
-    if (!(s > 0.f)) s = 1.f;
+    s = row_scale<C>(amax, warp_max);
   }
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
   Packed* qr = reinterpret_cast<Packed*>(q + blockIdx.x * K);
