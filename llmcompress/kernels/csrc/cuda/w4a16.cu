@@ -219,8 +219,8 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
     }
   };
 
-  auto chunk = [&](const Slot<T>& sl, int c, int ring) {
-    uint32_t b[MT][4][2];
+  // the activation fragments of one ring entry (4 k-steps x MT 8-token tiles)
+  auto fragments = [&](int ring, uint32_t (&b)[MT][4][2]) {
     const uint4* xr_s = xring + ring * (MT * 64);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -231,6 +231,10 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
         ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
         b[mt][2 * s2][0] = r4[0], b[mt][2 * s2][1] = r4[1], b[mt][2 * s2 + 1][0] = r4[2], b[mt][2 * s2 + 1][1] = r4[3];
       }
+  };
+  auto chunk = [&](const Slot<T>& sl, int c, int ring) {
+    uint32_t b[MT][4][2];
+    fragments(ring, b);
     sl.template mma_scaled<MT>(b, acc);
   };
   // BANK: a bank's U chunks (ring entries r0 .. r0 + U - 1) at once, with no branch between them, so their U x MT
@@ -241,20 +245,11 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
     float part[U][MT][4];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4* xr_s = xring + (r0 + min(c + u, ce - 1) - c) * (MT * 64);
+      fragments(r0 + min(c + u, ce - 1) - c, b[u]);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int s2 = 0; s2 < 2; ++s2) {
-          const int row = mt * 8 + (lane & 7);
-          uint32_t r4[4];
-          ldmatrix_x4(r4, xr_s + row * 8 + ((4 * s2 + (lane >> 3)) ^ (lane & 7)));
-          b[u][mt][2 * s2][0] = r4[0], b[u][mt][2 * s2][1] = r4[1];
-          b[u][mt][2 * s2 + 1][0] = r4[2], b[u][mt][2 * s2 + 1][1] = r4[3];
-        }
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) part[u][mt][e] = 0.f;
-      }
     }
 #pragma unroll
     for (int s = 0; s < 4; ++s)
@@ -266,12 +261,7 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
         for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[u][mt], a, b[u][mt][s][0], b[u][mt][s][1]);
       }
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][0] += sl[u].s0 * part[u][mt][0], acc[mt][1] += sl[u].s0 * part[u][mt][1];
-        acc[mt][2] += sl[u].s1 * part[u][mt][2], acc[mt][3] += sl[u].s1 * part[u][mt][3];
-      }
+    for (int u = 0; u < U; ++u) sl[u].template add_scaled<MT>(part[u], acc);
   };
 
   Slot<T> sa[U], sb[U];

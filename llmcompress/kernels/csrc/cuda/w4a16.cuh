@@ -57,6 +57,11 @@ struct Slot {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) Mma<T>::mma(part[mt], a, b[mt][s][0], b[mt][s][1]);
     }
+    add_scaled<MT>(part, acc);
+  }
+  // acc[mt] += the chunk's unscaled partial sums part[mt], scaled by the group scales of rows g and g + 8.
+  template <int MT>
+  __device__ __forceinline__ void add_scaled(const float (&part)[MT][4], float (&acc)[MT][4]) const {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       acc[mt][0] += s0 * part[mt][0], acc[mt][1] += s0 * part[mt][1];
