@@ -5,7 +5,7 @@ other shapes, bf16, g128 symmetric, 10 rotating weight copies (> 2x L2), median 
     python scripts/lab/gemv_lab.py --ablate     # the kernel with its activation copies / scale loads / arithmetic cut
     python scripts/lab/gemv_lab.py --ring       # against the shared-memory ring kernel of gemv_ring_kernel.cuh
     python scripts/lab/gemv_lab.py --interleave # a bank's chunks as one block of independent mma chains (session 8)
-    python scripts/lab/gemv_lab.py --tiles      # 2 or 4 16-feature tiles a block sharing each activation chunk
+    python scripts/lab/gemv_lab.py --head       # w4a16_gemv as in the working tree against as committed (session 9)
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/rf scripts/lab/read_floor.cu && /tmp/rf
 
 The ablated kernels compute nothing useful; they only show where the time goes (scripts/results/h100_s6_gemv).
@@ -20,18 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
-GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false, int TILES = 1>"
+GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
-PRE_START = "// Decode for one token (M = 1)"
-LD256 = """
-__device__ __forceinline__ uint4 ld256(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-"""
-
+HEAD_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false, int TILES = 1>"
 HEAD = """#include "graph_timer.cuh"
 #include "common.cuh"
 namespace llmc::cuda {
@@ -88,12 +79,6 @@ ABLATE_RUNS = """      if (M != 1 && M != 16) continue;
         G2(0, "full (MT2 U3 W4)"); G2(1, "no activation copies"); G2(2, "no scale loads"); G2(4, "no arithmetic");
       }"""
 
-PRE_RUNS = """      auto pre = [&](int W) { return W * PreLayout(M, chunks, W, 1, false).bytes; };
-      run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
-      run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
-      run("gemv_pre U2 W8", M, (const void*)w4a16_gemv_pre<B, 2, false, 8, 4>, 256, pre(8), 1, false);
-      run("gemv_pre U2 W8 L2::256B", M, (const void*)w4a16_gemv_pre256<B, 2, false, 8, 4>, 256, pre(8), 1, false);"""
-
 INTERLEAVE_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
       if (M == 1) continue;
       if (M <= 8) {
@@ -109,23 +94,38 @@ INTERLEAVE_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 *
         run("gemv MT2 U2 W8 MINB2 interleaved", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 2, true>, 256, gsm(8, 2, 2), 2, false);
       }"""
 
-TILES_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
-      if (M == 1) continue;
-      if (M <= 8) {
-        run("gemv U4 W4 bank", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4, true, 1>, 128, gsm(4, 4, 1), 1, false);
-        run("gemv U4 W4 bank 2 tiles", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 2, true, 2>, 256, gsm(4, 4, 1), 1, false, 2);
-        run("gemv U4 W4 2 tiles", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 2, false, 2>, 256, gsm(4, 4, 1), 1, false, 2);
-        run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4, false, 1>, 256, gsm(8, 2, 1), 1, false);
-        run("gemv U2 W8 2 tiles", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 2, false, 2>, 512, gsm(8, 2, 1), 1, false, 2);
+HEAD_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+#define HD(name, mt, U, W, MINB, BANK, TILES, thr) run(name " (HEAD)", M, (const void*)w4a16_gemv_head<B, mt, U, false, W, MINB, BANK, TILES>, thr, gsm(W, U, mt), mt, false, TILES)
+#define NW(name, mt, U, W, MINB, BANK, thr) run(name, M, (const void*)w4a16_gemv<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
+      if (M == 1) {
+        const int pre = 8 * PreLayoutHead(M, chunks, 8, 1, false).bytes;
+        run("pre U2 W8 (HEAD)", M, (const void*)w4a16_gemv_pre_head<B, 2, false, 8, 4>, 256, pre, 1, false);
+        NW("U4 W4 bank", 1, 4, 4, 4, true, 128);
+        NW("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
+      } else if (M <= 8) {
+        HD("U4 W4 bank", 1, 4, 4, 4, true, 1, 128);
+        NW("U4 W4 bank", 1, 4, 4, 4, true, 128);
+        HD("U2 W8 2 tiles (wide)", 1, 2, 8, 2, false, 2, 512);
+        NW("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
       } else {
-        run("gemv MT2 U3 W4", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 4, false, 1>, 128, gsm(4, 3, 2), 2, false);
-        run("gemv MT2 U3 W4 2 tiles", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 2, false, 2>, 256, gsm(4, 3, 2), 2, false, 2);
-        run("gemv MT2 U2 W4 2 tiles", M, (const void*)w4a16_gemv<B, 2, 2, false, 4, 2, false, 2>, 256, gsm(4, 2, 2), 2, false, 2);
-        run("gemv MT2 U2 W4 bank 2 tiles", M, (const void*)w4a16_gemv<B, 2, 2, false, 4, 2, true, 2>, 256, gsm(4, 2, 2), 2, false, 2);
-        run("gemv MT2 U3 W4 bank 2 tiles", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 2, true, 2>, 256, gsm(4, 3, 2), 2, false, 2);
-        run("gemv MT2 U2 W8 MINB2 bank", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 2, true, 1>, 256, gsm(8, 2, 2), 2, false);
-        run("gemv MT2 U2 W8 bank 2 tiles", M, (const void*)w4a16_gemv<B, 2, 2, false, 8, 1, true, 2>, 512, gsm(8, 2, 2), 2, false, 2);
-        run("gemv MT2 U3 W4 4 tiles", M, (const void*)w4a16_gemv<B, 2, 3, false, 4, 1, false, 4>, 512, gsm(4, 3, 2), 2, false, 4);
+        HD("MT2 U3 W4", 2, 3, 4, 4, false, 1, 128);
+        NW("MT2 U3 W4", 2, 3, 4, 4, false, 128);
+        NW("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128);
+        HD("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 1, 256);
+        NW("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256);
+      }"""
+
+BANK_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+#define NB(name, mt, U, W, MINB, thr) run(name, M, (const void*)w4a16_gemv<B, mt, U, false, W, MINB, true>, thr, gsm(W, U, mt), mt, false)
+      if (M == 1) {
+        NB("U2 W4 bank", 1, 2, 4, 4, 128); NB("U3 W4 bank", 1, 3, 4, 4, 128); NB("U4 W4 bank", 1, 4, 4, 4, 128);
+        NB("U5 W4 bank", 1, 5, 4, 4, 128); NB("U6 W4 bank MINB3", 1, 6, 4, 3, 128);
+        NB("U2 W8 MINB2 bank", 1, 2, 8, 2, 256); NB("U3 W8 MINB2 bank", 1, 3, 8, 2, 256); NB("U4 W8 MINB2 bank", 1, 4, 8, 2, 256);
+        NB("U4 W2 MINB8 bank", 1, 4, 2, 8, 64); NB("U4 W16 MINB1 bank", 1, 4, 16, 1, 512);
+      } else if (M == 16) {
+        NB("MT2 U1 W4 bank", 2, 1, 4, 4, 128); NB("MT2 U2 W4 bank", 2, 2, 4, 4, 128);
+        NB("MT2 U2 W2 MINB8 bank", 2, 2, 2, 8, 64); NB("MT2 U1 W8 MINB2 bank", 2, 1, 8, 2, 256);
+        NB("MT2 U2 W8 MINB2 bank", 2, 2, 8, 2, 256);
       }"""
 
 RING_RUNS = """      if (mt == 1) {
@@ -146,12 +146,12 @@ RING_RUNS = """      if (mt == 1) {
 def slot_and_copies(ablate: bool) -> str:
     """Slot (and cp_async4) from w4a16.cuh; with ablate, Slot<T, ABL> whose bit 2 skips the scale loads."""
     cuh = (CUDA / "w4a16.cuh").read_text()
-    text = cuh[cuh.index("template <typename T>\nstruct Slot"):cuh.index("// Per kernel and device, once")]
+    text = cuh[cuh.index("// Loads done only"):cuh.index("// Per kernel and device, once")]
     if ablate:
         text = text.replace("template <typename T>\nstruct Slot", "template <typename T, int ABL>\nstruct Slot")
-        old = "      s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi);"
+        old = "      s0 = __ldg(scales + (o0 + gi)), s1 = __ldg(scales + (o1 + gi));"
         assert old in text
-        text = text.replace(old, "      if (ABL & 2) { s0 = 1.f, s1 = 2.f; } else { s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi); }")
+        text = text.replace(old, "      if (ABL & 2) { s0 = 1.f, s1 = 2.f; } else { " + old.strip() + " }")
     return text
 
 
@@ -162,9 +162,8 @@ def gemv_kernel(ablate: bool) -> str:
     k = src[src.index(GEMV_START):src.index(GEMV_END)]
     if not ablate:
         return k
-    k = k[:k.index(PRE_START)]  # w4a16_gemv alone
     edits = [
-        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL, bool BANK = false, int TILES = 1>"),
+        (GEMV_START, "template <typename T, int MT, int U, bool HAS_Z, int W, int MINB, int ABL, bool BANK = false>"),
         ("  auto stage_x = [&](int ring, int c) {\n    if (c < ce) {", "  auto stage_x = [&](int ring, int c) {\n    if (!(ABL & 1) && c < ce) {"),
         ("  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n    uint32_t b[MT][4][2];",
          "  auto chunk = [&](const Slot<T>& sl, int c, int ring) {\n"
@@ -185,24 +184,32 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ablate", action="store_true")
     mode.add_argument("--ring", action="store_true")
-    mode.add_argument("--tiles", action="store_true", help="w4a16_gemv with two or four 16-feature tiles a block "
-                      "sharing each activation chunk (TILES), M = 4, 8, 16")
     mode.add_argument("--interleave", action="store_true", help="w4a16_gemv computing a bank's chunks as one "
                       "branch-free block of independent mma chains (BANK), against one chunk at a time; M = 4, 8, 16")
-    mode.add_argument("--pre", action="store_true", help="w4a16_gemv against w4a16_gemv_pre (activations and scales "
-                      "copied to shared memory once per warp), M = 1 and 2")
+    mode.add_argument("--bank", action="store_true", help="w4a16_gemv with BANK over slots / warps, M = 1 and 16 (session 9)")
+    mode.add_argument("--head", action="store_true", help="the w4a16_gemv configurations run() picks for M = 2-16, as in "
+                      "the working tree and as committed (git HEAD), in the same run")
     ap.add_argument("--keep", type=Path, default=None, help="also write the generated .cu here")
     args = ap.parse_args()
     body = slot_and_copies(args.ablate) + gemv_kernel(args.ablate)
-    if args.pre:  # also w4a16_gemv_pre with the L2::256B prefetch hint on its code loads
-        src = (CUDA / "w4a16.cu").read_text()
-        pre = src[src.index(PRE_START):src.index(GEMV_END)]
-        pre = pre[pre.index("template <typename T, int U, bool HAS_Z"):]
-        body += LD256 + pre.replace("w4a16_gemv_pre(", "w4a16_gemv_pre256(").replace("ld_stream(", "ld256(")
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
-    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else TILES_RUNS if args.tiles else PRE_RUNS
-    harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 2" if args.pre else "1, 4, 8, 16")
+    if args.head:  # the committed w4a16_gemv and its Slot too (git HEAD), as w4a16_gemv_head: the same run's baseline
+        def show(path: str) -> str:
+            return subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{path}"], capture_output=True, text=True,
+                                  check=True).stdout
+        cuh = show("llmcompress/kernels/csrc/cuda/w4a16.cuh")
+        slot = cuh[cuh.index("template <typename T>\nstruct Slot"):cuh.index("__device__ __forceinline__ void cp_async4")]
+        head = show("llmcompress/kernels/csrc/cuda/w4a16.cu")
+        kernel = head[head.index(HEAD_START):head.index(GEMV_END)]  # w4a16_gemv and w4a16_gemv_pre (session 8)
+        common = show("llmcompress/kernels/csrc/cuda/common.cuh")  # its reduce_warps_store with TILES
+        reduce = common[common.index("template <int W, int MT, int TILES = 1"):common.index("}  // namespace llmc::cuda")]
+        body += (reduce + slot + kernel).replace("reduce_warps_store", "reduce_warps_store_head").replace(
+            "struct Slot", "struct SlotHead").replace("Slot<T>", "SlotHead<T>").replace(
+            "w4a16_gemv(", "w4a16_gemv_head(").replace("w4a16_gemv_pre(", "w4a16_gemv_pre_head(").replace(
+            "PreLayout", "PreLayoutHead")
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else BANK_RUNS
+    harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 16" if args.bank else "1, 4, 8, 16")
     src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:
         cu, exe = Path(tmp) / "lab.cu", Path(tmp) / "lab"

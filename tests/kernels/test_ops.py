@@ -388,15 +388,16 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
 @pytest.mark.parametrize("wide", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
-    """Both shapes of the decode gemv kernel (LLMC_W4_GEMV_WIDE: 4 warps splitting K, or 8, with two 16-feature
-    tiles a block sharing the activations at M <= 8), one and two 8-token tiles, with and without the banked chunks
-    (BANK: 4 warps at M = 2-8, 8 warps at M = 9-16), K of 3 chunks (fewer than the warps splitting it) and of 40 (a
-    bank only partly inside a warp's run), ragged N (N = 100: 7 tiles, the last block's second is past N)."""
+    """Every configuration of the decode gemv kernel run() picks (LLMC_W4_GEMV_WIDE: 4 warps splitting K, or 8):
+    one and two 8-token tiles; BANK (a bank's chunks at once, predicated loads) at M = 1-16 and chunk by chunk at
+    M = 9-16 on more 16-feature tiles than 4 blocks per SM hold (N = 8464 on a 132-SM H100) and past M = 16 (two
+    16-token tiles side by side); K of 3 chunks (fewer than the warps splitting it) and of 40 (a bank only partly
+    inside a warp's run); ragged N (N = 100)."""
     monkeypatch.setenv("LLMC_W4_GEMV_WIDE", wide)
     monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
-    monkeypatch.setenv("LLMC_W4_PRE", "0")  # M = 1 would go to w4a16_gemv_pre
     for m, k, n, group_size, asym in [(1, 192, 264, 64, False), (5, 2560, 264, 128, True), (8, 2560, 100, 64, False),
-                                      (9, 192, 264, 64, True), (16, 2560, 264, 128, False)]:
+                                      (9, 192, 264, 64, True), (16, 2560, 264, 128, False), (12, 640, 8464, 64, True),
+                                      (24, 2560, 264, 128, True)]:
         qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=dtype)
         x = torch.randn(m, k, device="cuda").to(dtype)
         y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, group_size))
@@ -408,10 +409,8 @@ def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_w4a16_one_token(dtype):
-    """M = 1 (w4a16_gemv_pre: each warp's activations, scales and zero points in shared memory): K of 3 chunks
-    (fewer than the 8 warps: most get none), of 40 (5 a warp) and of 384 (groups of 64: many per warp), ragged N,
-    zero points or none, groups of 64, 128 and 256, bias; K = 65536 needs more shared memory than the kernel
-    takes and runs the register kernel instead."""
+    """M = 1 (the gemv kernel's banks): K of 3 chunks (fewer than the warps: most get none), of 40 and of 384
+    (groups of 64: many per warp), up to 65536, ragged N, zero points or none, groups of 64, 128 and 256, bias."""
     for k, n, group_size, asym in [(192, 264, 64, False), (2560, 100, 128, True), (4096, 72, 256, True),
                                    (24576, 40, 64, False), (24576, 33, 128, True), (65536, 16, 64, True)]:
         qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=dtype)

@@ -143,23 +143,22 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 
 // Block epilogue of the decode kernels, whose W warps each hold partial C fragments acc[MT][4] of the same
 // 16 output features (fragment rows) x MT 8-token tiles (fragment columns): sum them through shared memory,
-// then call store(row, tok, sum) once for every (feature row, token) inside the N x M output. TILES > 1: the
-// block holds TILES such 16-feature tiles nt, nt + 1, ..., warps [tile * W, (tile + 1) * W) on tile nt + tile.
-template <int W, int MT, int TILES = 1, typename Acc, typename Store>
+// then call store(row, tok, sum) once for every (feature row, token) inside the N x M output.
+template <int W, int MT, typename Acc, typename Store>
 __device__ __forceinline__ void reduce_warps_store(const Acc (&acc)[MT][4], int nt, int m0, int M, int N, Store&& store) {
-  __shared__ Acc red[TILES * W][MT * 4][32];
+  __shared__ Acc red[W][MT * 4][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) red[warp][mt * 4 + e][lane] = acc[mt][e];
   __syncthreads();
-  for (int i = threadIdx.x; i < TILES * MT * 4 * 32; i += blockDim.x) {
-    const int l = i & 31, e = (i >> 5) % (MT * 4), tile = i / (MT * 4 * 32);
+  for (int i = threadIdx.x; i < MT * 4 * 32; i += blockDim.x) {
+    const int l = i & 31, e = i >> 5;
     Acc v = 0;
 #pragma unroll
-    for (int wi = 0; wi < W; ++wi) v += red[tile * W + wi][e][l];
-    const int row = (nt + tile) * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
+    for (int wi = 0; wi < W; ++wi) v += red[wi][e][l];
+    const int row = nt * 16 + (l >> 2) + ((e & 3) >= 2 ? 8 : 0);
     const int tok = m0 + (e >> 2) * 8 + 2 * (l & 3) + (e & 1);
     if (row < N && tok < M) store(row, tok, v);
   }

@@ -9,7 +9,6 @@
 // load covers 4 k-steps, and a warp's load is 512 contiguous bytes.
 //
 // Kernels by M (run() below picks; the fast ones need K % 64 == 0 and a power-of-two group >= 64):
-//   w4a16_gemv_pre   M = 1: the same, each warp's activations and scales copied to shared memory once.
 //   w4a16_gemv    M <= 16 (32 off Hopper or with few features): weights streamed through registers.
 //   w4a16_wgmma   Hopper, M = 17..512 (w4a16_sm90.cu): the codes as wgmma's register A operand.
 //   w4a16_tiled   other GPUs, M <= 256: mma.sync on shared-memory tiles.
@@ -166,30 +165,23 @@ __global__ void w4a16_dequant(const uint32_t* __restrict__ qw, const float* __re
 // N = 8192), each warp a contiguous run of K chunks, two register banks of U slots so one bank's loads are in flight while the other is computed. A chunk's
 // partial sums are scaled once into the fp32 total; the warps' totals are added in shared memory.
 // W warps per 16-feature tile; MINB blocks per SM asked of the register allocator (128 registers at 4 x 4 warps);
-// BANK: a bank's chunks computed together (bank() below); TILES: 16-feature tiles per block, whose warps with the
-// same K run share one activation ring (each copies 1 / TILES of it, a named barrier per pair in place of
-// __syncwarp), so each activation chunk leaves L2 once per TILES tiles.
-template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false, int TILES = 1>
-__global__ void __launch_bounds__(W * 32 * TILES, MINB)
+// BANK: a bank's chunks computed together (bank() below), their loads predicated (Slot::load<true>).
+template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>
+__global__ void __launch_bounds__(W * 32, MINB)
     w4a16_gemv(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
                int G, int cshift, int chunks) {
-  // warp: the index of this warp's K run; tile: which of the block's 16-feature tiles it computes (compile-time
-  // 0 for one tile, so the activation copies below unroll)
-  const int wall = threadIdx.x >> 5, tile = TILES == 1 ? 0 : wall / W, warp = TILES == 1 ? wall : wall % W;
-  const int nt = blockIdx.x * TILES + tile, m0 = blockIdx.y * 8 * MT;
-  const int lane = threadIdx.x & 31, g = lane >> 2;
+  const int nt = blockIdx.x, m0 = blockIdx.y * 8 * MT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   // a tile past N (the last block's, N ragged) reads the last tile's codes (its results are never stored)
   const int ntc = min(nt, (N + 15) / 16 - 1);
   const int row0 = nt * 16 + g, row1 = row0 + 8;
   const int per = (chunks + W - 1) / W;
   const int cb = min(chunks, warp * per), ce = min(chunks, cb + per);
   const uint4* wp = qw + ((int64_t)ntc * chunks + cb) * 32 + lane;
-  const float* sp0 = scales + (int64_t)min(row0, N - 1) * G;
-  const float* sp1 = scales + (int64_t)min(row1, N - 1) * G;
+  const int o0 = min(row0, N - 1) * G, o1 = min(row1, N - 1) * G;  // scale / zero-point rows (run() checks N x G fits)
   // Symmetric weights (HAS_Z false) take the constant zero point 8: no loads, no conversions.
-  const uint8_t* zp0 = HAS_Z ? zeros + (int64_t)min(row0, N - 1) * G : nullptr;
-  const uint8_t* zp1 = HAS_Z ? zeros + (int64_t)min(row1, N - 1) * G : nullptr;
+  const uint8_t* zp = HAS_Z ? zeros : nullptr;
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -202,15 +194,10 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
   constexpr int R = 2 * U;                    // ring entries per warp: one per slot of the two banks
   extern __shared__ __align__(128) uint4 xring_all[];
   uint4* xring = xring_all + warp * (R * MT * 64);  // [R][MT * 8 tokens][8 units of 16 bytes], swizzled
-  static_assert(MT * 2 % TILES == 0, "the tiles split a ring entry's copies evenly");
-  auto ring_sync = [&]() {
-    if (TILES == 1) __syncwarp();
-    else asm volatile("bar.sync %0, %1;" ::"r"(1 + warp), "n"(TILES * 32) : "memory");  // barrier 0 is __syncthreads
-  };
   auto stage_x = [&](int ring, int c) {
     if (c < ce) {
 #pragma unroll
-      for (int j = tile; j < MT * 2; j += TILES) {
+      for (int j = 0; j < MT * 2; ++j) {
         const int i = lane + 32 * j, tok = i >> 3, unit = i & 7;
         const bool valid = m0 + tok < M;
         cp_async16(xring + ring * (MT * 64) + tok * 8 + (unit ^ (tok & 7)),
@@ -267,20 +254,20 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
   Slot<T> sa[U], sb[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    sa[u].load(wp + u * 32, sp0, sp1, zp0, zp1, cb + u, cshift, cb + u < ce);
+    sa[u].template load<BANK>(wp + u * 32, scales, zp, o0, o1, cb + u, cshift, cb + u < ce);
     stage_x(u, cb + u);
   }
   cp_async_commit();
   for (int c = cb; c < ce; c += 2 * U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      sb[u].load(wp + (c - cb + U + u) * 32, sp0, sp1, zp0, zp1, c + U + u, cshift, c + U + u < ce);
+      sb[u].template load<BANK>(wp + (c - cb + U + u) * 32, scales, zp, o0, o1, c + U + u, cshift, c + U + u < ce);
       stage_x(U + u, c + U + u);
     }
     {
       cp_async_commit();
       cp_async_wait<1>();  // bank A's activations have landed (this lane's copies)...
-      ring_sync();         // ...and every lane's (of every warp sharing the ring)
+      __syncwarp();        // ...and every lane's
     }
     if (BANK) {
       bank(sa, c, 0);
@@ -289,16 +276,16 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
       for (int u = 0; u < U; ++u)
         if (c + u < ce) chunk(sa[u], c + u, u);
     }
-    ring_sync();  // bank A's ring entries are read before they are refilled
+    __syncwarp();  // bank A's ring entries are read before they are refilled
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      sa[u].load(wp + (c - cb + 2 * U + u) * 32, sp0, sp1, zp0, zp1, c + 2 * U + u, cshift, c + 2 * U + u < ce);
+      sa[u].template load<BANK>(wp + (c - cb + 2 * U + u) * 32, scales, zp, o0, o1, c + 2 * U + u, cshift, c + 2 * U + u < ce);
       stage_x(u, c + 2 * U + u);
     }
     {
       cp_async_commit();
       cp_async_wait<1>();
-      ring_sync();
+      __syncwarp();
     }
     if (BANK) {
       if (c + U < ce) bank(sb, c + U, U);
@@ -307,112 +294,11 @@ __global__ void __launch_bounds__(W * 32 * TILES, MINB)
       for (int u = 0; u < U; ++u)
         if (c + U + u < ce) chunk(sb[u], c + U + u, U + u);
     }
-    ring_sync();
+    __syncwarp();
   }
   cp_async_wait<0>();
 
-  reduce_warps_store<W, MT, TILES>(acc, blockIdx.x * TILES, m0, M, N, [&](int row, int tok, float v) {
-    if (bias != nullptr) v += to_float(bias[row]);
-    out[(int64_t)tok * N + row] = from_float<T>(v);
-  });
-}
-
-// Decode for one token (M = 1): w4a16_gemv's work split, with 8 warps per block and register banks of codes,
-// but each warp copies all the activations of its K run, and its rows' scales and zero points for the groups of
-// that run, into shared memory once, before its loop, which then waits only on its own code loads. In
-// w4a16_gemv each bank also waits on its activation copies and scale loads; on H100 at 8192 x 8192 those waits
-// cost 3 of its 17.8 us (scripts/results/h100_s6_gemv: 17.7 -> 16.1 us). With more tokens the one-time copy
-// (M x 2 KB per warp at K = 8192, from L2 before any arithmetic) costs more than it saves: M = 2 ran 17.9 us
-// against the register kernel's 17.6.
-struct PreLayout {  // one warp's shared memory: activation rows (16-byte pad), scales [group][16], zero points
-  int per, ngroups, x_stride, x_bytes, s_off, z_off, zero_off, bytes;
-  // M token rows, W warps splitting `chunks` 64-column chunks (a run of per = ceil(chunks / W) chunks spans at
-  // most ceil(per / chunks per group) + 1 groups)
-  __host__ __device__ PreLayout(int M, int chunks, int W, int cshift, bool has_z) {
-    per = (chunks + W - 1) / W;
-    ngroups = (per + (1 << cshift) - 1) / (1 << cshift) + 1;
-    x_stride = per * 128 + 16;  // the pad puts the rows an ldmatrix reads in distinct bank groups
-    x_bytes = M * x_stride;
-    s_off = x_bytes;
-    z_off = s_off + ngroups * 16 * 4;
-    zero_off = (z_off + (has_z ? ngroups * 16 : 0) + 15) & ~15;
-    bytes = zero_off + 16;
-  }
-};
-
-template <typename T, int U, bool HAS_Z, int W = 8, int MINB = 4>
-__global__ void __launch_bounds__(W * 32, MINB)
-    w4a16_gemv_pre(const T* __restrict__ x, const uint4* __restrict__ qw, const float* __restrict__ scales,
-                   const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ out, int M, int N,
-                   int K, int G, int cshift, int chunks) {
-  const int nt = blockIdx.x;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  const PreLayout lay(M, chunks, W, cshift, HAS_Z);
-  const int cb = min(chunks, warp * lay.per), ce = min(chunks, cb + lay.per);
-  extern __shared__ __align__(128) uint8_t pre_smem[];
-  uint8_t* const base = pre_smem + warp * lay.bytes;
-  const uint8_t* const zero16 = base + lay.zero_off;
-  float* const ss = reinterpret_cast<float*>(base + lay.s_off);
-  uint8_t* const zs = base + lay.z_off;
-  const int gb = cb >> cshift;  // first group of the run
-
-  // 1. this warp's activations: M rows x its chunks, 16-byte copies
-  const int units = (ce - cb) * 8;
-  for (int i = lane; i < M * units; i += 32) {
-    const int tok = i / units, u = i - tok * units;
-    cp_async16(base + tok * lay.x_stride + u * 16, x + (int64_t)tok * K + (int64_t)cb * 64 + u * 8, true);
-  }
-  cp_async_commit();
-  // 2. the first bank of codes
-  const uint4* wp = qw + ((int64_t)nt * chunks + cb) * 32 + lane;
-  uint4 qa[U], qb[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) qa[u] = cb + u < ce ? ld_stream(wp + u * 32) : make_uint4(0, 0, 0, 0);
-  // 3. scales and zero points of the run's groups, [group][row], rows past N clamped (never stored)
-  const int ng = ce > cb ? ((ce - 1) >> cshift) - gb + 1 : 0;
-  for (int i = lane; i < ng * 16; i += 32) {
-    const int gl = i >> 4, r = i & 15;
-    const int64_t src = (int64_t)min(nt * 16 + r, N - 1) * G + gb + gl;
-    ss[i] = __ldg(scales + src);
-    if (HAS_Z) zs[i] = __ldg(zeros + src);
-  }
-  if (lane < 4) reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(zero16))[lane] = 0u;
-  cp_async_wait<0>();
-  __syncwarp();
-
-  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-  auto chunk = [&](const uint4& q, int c) {
-    const int gl = (c >> cshift) - gb;
-    Slot<T> sl;
-    sl.q = q;
-    sl.s0 = ss[gl * 16 + g], sl.s1 = ss[gl * 16 + g + 8];
-    sl.z0 = HAS_Z ? uint32_t(zs[gl * 16 + g]) : 8u, sl.z1 = HAS_Z ? uint32_t(zs[gl * 16 + g + 8]) : 8u;
-    uint32_t b[1][4][2];
-#pragma unroll
-    for (int s2 = 0; s2 < 2; ++s2) {  // lanes 8j..8j+7: token rows of matrix j, 16-byte unit 4 s2 + j of the chunk
-      const int tok = lane & 7;
-      const uint8_t* src = tok < M ? base + tok * lay.x_stride + (c - cb) * 128 + (4 * s2 + (lane >> 3)) * 16 : zero16;
-      uint32_t r4[4];
-      ldmatrix_x4(r4, src);
-      b[0][2 * s2][0] = r4[0], b[0][2 * s2][1] = r4[1], b[0][2 * s2 + 1][0] = r4[2], b[0][2 * s2 + 1][1] = r4[3];
-    }
-    sl.template mma_scaled<1>(b, acc);
-  };
-  for (int c = cb; c < ce; c += 2 * U) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) qb[u] = c + U + u < ce ? ld_stream(wp + (c - cb + U + u) * 32) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (c + u < ce) chunk(qa[u], c + u);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      qa[u] = c + 2 * U + u < ce ? ld_stream(wp + (c - cb + 2 * U + u) * 32) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (c + U + u < ce) chunk(qb[u], c + U + u);
-  }
-
-  reduce_warps_store<W, 1>(acc, nt, 0, M, N, [&](int row, int tok, float v) {
+  reduce_warps_store<W, MT>(acc, nt, m0, M, N, [&](int row, int tok, float v) {
     if (bias != nullptr) v += to_float(bias[row]);
     out[(int64_t)tok * N + row] = from_float<T>(v);
   });
@@ -579,7 +465,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   const int cpg = group_size / 64;  // chunks per group
   const bool fast = K % 64 == 0 && group_size % 64 == 0 && (cpg & (cpg - 1)) == 0 &&
                     reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(zp) % 4 == 0 &&
-                    K < (int64_t(1) << 30) && !std::getenv("LLMC_W4_GENERIC");
+                    K < (int64_t(1) << 30) && int64_t(N) * G < (int64_t(1) << 31) && !std::getenv("LLMC_W4_GENERIC");
   // Hopper: the wgmma kernel (w4a16_sm90.cu) from M = 17 (33 where N <= 6144: few 64-feature tiles, and the
   // gemv kernel is ahead there) to M = 512; LLMC_W4_SM90_MIN_M / _MAX_M move the range for sweeps (MAX_M=0
   // turns it off). On H100 (scripts/results/h100_wgmma), 8192 x 8192: 27.1 us at M = 32, 39.0 at M = 128,
@@ -591,51 +477,32 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, cshift, chunks, stream))
     return;
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
-    if (M == 1 && env_int("LLMC_W4_PRE", 1) != 0) {
-      // (LLMC_W4_PRE=0 turns it off: tests, sweeps.) Shared memory per block: 8 warps' activation runs, scales
-      // and zero points; past 96 KB (K of about 48,000 at g128) too few blocks fit an SM and w4a16_gemv runs.
-      constexpr int kW = 8;
-      const int smem = kW * PreLayout(1, chunks, kW, cshift, zp != nullptr).bytes;
-      if (smem <= 96 * 1024) {
-        auto go = [&](auto kernel) {
-          launch_attrs_once(kernel, smem);
-          kernel<<<(N + 15) / 16, kW * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K),
-                                                            G, cshift, chunks);
-        };
-        if (zp != nullptr) go(w4a16_gemv_pre<T, 2, true, kW, 4>);
-        else go(w4a16_gemv_pre<T, 2, false, kW, 4>);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-    }
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
-      auto go = [&](auto kernel, int mt, int u, int warps, int tiles) {  // warps: per tile (K runs)
-        const dim3 grid((N + 16 * tiles - 1) / (16 * tiles), (M + 8 * mt - 1) / (8 * mt));
+      auto go = [&](auto kernel, int mt, int u, int warps) {  // warps: K runs a 16-feature tile
+        const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
         const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings, one per K run
         launch_attrs_once(kernel, smem);
-        kernel<<<grid, warps * 32 * tiles, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N,
-                                                           int(K), G, cshift, chunks);
+        kernel<<<grid, warps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
+                                                   cshift, chunks);
       };
-      // Few 16-feature tiles for the SMs (N = 4096 on H100: 256 tiles, about 2 per SM, so 8 warps per SM at 4 per
-      // block): then 8 warps per tile split K with two slots per bank: at M <= 8 two tiles a block sharing each
-      // activation chunk (TILES; 64 registers), at M = 9-16 one tile with two 8-token tiles and BANK (128
-      // registers). On H100, M = 1 at 4096 x 4096 (one tile a block, scripts/results/h100_gemv_sweep): 6.6 against
-      // 7.2 us for 4 warps; 14336 x 4096: 18.4 against 18.8. With more tiles it loses (8192 x 8192: 19.9 against
-      // 18.0). The second tile per block (scripts/results/h100_s8_gemv, lab_tiles*.txt, two machines): M = 8 at
-      // 14336 x 4096 17.0-17.8 -> 16.3-16.4 us, level at 4096 x 4096; at M = 16 it won on one machine and lost on the
-      // other (14336 x 4096: 20.0 -> 19.1 us, 18.3 -> 19.0), and in the benchmark (7.1 -> 7.4 us at 4096 x 4096),
-      // so M = 16 keeps one tile. On many tiles, BANK is the 4-warp M = 2-8 kernel's choice (lab_interleave.txt:
-      // M = 8 at 8192 x 8192 17.0 against 17.5, 4096 x 14336 15.9 against 16.3); it loses in the 4-warp M = 16
-      // kernel (21.9 against 19.0) and in the 8-warp M <= 8 one (6.8 against 6.2). LLMC_W4_GEMV_WIDE=0/1 forces
-      // the choice (tests, sweeps).
-      const int sms = sm_count();
-      const bool wide = env_int("LLMC_W4_GEMV_WIDE", (N + 15) / 16 <= 2 * sms ? 1 : 0) != 0;
+      // By M and by how many 16-feature tiles the SMs get (H100: scripts/results/h100_s9_gemv, lab_head.txt, all
+      // against the kernels picked before; LLMC_W4_GEMV_WIDE=0/1 forces the first choice for tests and sweeps):
+      // - few tiles (at most 2 per SM: N <= 4224 on H100, "wide"): 8 warps a tile split K, two slots a bank,
+      //   BANK (4096 x 4096 M = 1 6.3 -> 5.5 us, M = 8 6.2 -> 5.3; 14336 x 4096 M = 1 15.1 -> 13.3, M = 16 18.4 -> 17.3);
+      // - more, M <= 8: 4 warps a tile, four slots a bank, BANK (8192 x 8192 M = 1 16.2 -> 15.5 us, M = 8 17.0 -> 15.6);
+      // - more, M = 9-16: two slots a bank, BANK, while the grid fits one wave of 4 blocks per SM (8192 x 8192:
+      //   18.8 -> 18.2 us), else three slots chunk by chunk (4096 x 14336: 17.9 against 18.2 with BANK).
+      // (M = 1 had its own kernel until then, each warp's activations and scales copied to shared memory once:
+      // 16.2 us at 8192 x 8192.)
+      const int sms = sm_count(), tiles = (N + 15) / 16;
+      const bool wide = env_int("LLMC_W4_GEMV_WIDE", tiles <= 2 * sms ? 1 : 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
-        if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 2, false, 2>, 1, 2, 8, 2);
-        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z, 4, 4, true>, 1, 4, 4, 1);
-        else if (M <= 16 && wide) go(w4a16_gemv<T, 2, 2, Z, 8, 2, true>, 2, 2, 8, 1);
-        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4, 1);  // M > 16: 16-token tiles side by side in the grid
+        if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 2, true>, 1, 2, 8);
+        else if (M <= 8) go(w4a16_gemv<T, 1, 4, Z, 4, 4, true>, 1, 4, 4);
+        else if (M <= 16 && wide) go(w4a16_gemv<T, 2, 2, Z, 8, 2, true>, 2, 2, 8);
+        else if (M <= 16 && tiles <= 4 * sms) go(w4a16_gemv<T, 2, 2, Z, 4, 4, true>, 2, 2, 4);
+        else go(w4a16_gemv<T, 2, 3, Z>, 2, 3, 4);  // M > 16: 16-token tiles side by side in the grid
       };
       if (zp != nullptr) pick(std::true_type{});
       else pick(std::false_type{});

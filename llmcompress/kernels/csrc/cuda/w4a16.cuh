@@ -12,6 +12,31 @@
 
 namespace llmc::cuda {
 
+// Loads done only where `in` holds, else `otherwise`, as predicated instructions: written as `if (in) load`, the
+// compiler branches around each slot's loads, splitting the decode loop into basic blocks it does not schedule
+// across (scripts/results/h100_s9_gemv).
+__device__ __forceinline__ uint4 ld_stream_if(const void* p, bool in) {  // ld_stream's cache policy, zeros otherwise
+  uint4 v;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+      : "=&r"(v.x), "=&r"(v.y), "=&r"(v.z), "=&r"(v.w)
+      : "l"(p), "r"(int(in)));
+  return v;
+}
+__device__ __forceinline__ float ldg_if(const float* p, bool in, float otherwise) {
+  float v;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, %3;\n @p ld.global.nc.f32 %0, [%1];\n}"
+      : "=&f"(v) : "l"(p), "r"(int(in)), "f"(otherwise));
+  return v;
+}
+__device__ __forceinline__ uint32_t ldg_if(const uint8_t* p, bool in, uint32_t otherwise) {
+  uint32_t v;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, %3;\n @p ld.global.nc.u8 %0, [%1];\n}"
+      : "=&r"(v) : "l"(p), "r"(int(in)), "r"(otherwise));
+  return v;
+}
+
 // A chunk's weights, scales and zero points are loaded together into a register slot U chunks before they
 // are used. (Loading the next group's scales "one group ahead" into loop-carried registers does not work:
 // the compiler moves the fresh value between registers right after the load, which waits for it, and the
@@ -22,13 +47,23 @@ struct Slot {
   float s0, s1;     // group scales of rows g and g + 8
   uint32_t z0, z1;  // their zero points, raw bytes (converted at use, when the load has long landed)
 
-  __device__ __forceinline__ void load(const uint4* wq, const float* sp0, const float* sp1, const uint8_t* zp0,
-                                       const uint8_t* zp1, int c, int cshift, bool in) {
-    if (in) {
-      const int gi = c >> cshift;
+  // scales / zeros: the kernel's [N][G] arrays (zeros null: symmetric), o0 / o1: rows g and g + 8 as 32-bit element
+  // offsets. (The arrays' base addresses stay kernel parameters, in uniform registers, so a slot load costs no
+  // per-lane 64-bit row pointers: four registers fewer in the 128-register decode kernels.)
+  // PRED: predicated loads (ld_stream_if, ldg_if), else a branch around them.
+  template <bool PRED>
+  __device__ __forceinline__ void load(const uint4* wq, const float* scales, const uint8_t* zeros, int o0, int o1, int c,
+                                       int cshift, bool in) {
+    const int gi = c >> cshift;
+    if (PRED) {
+      q = ld_stream_if(wq, in);
+      s0 = ldg_if(scales + (o0 + gi), in, 0.f), s1 = ldg_if(scales + (o1 + gi), in, 0.f);
+      z0 = zeros != nullptr ? ldg_if(zeros + (o0 + gi), in, 8u) : 8u;
+      z1 = zeros != nullptr ? ldg_if(zeros + (o1 + gi), in, 8u) : 8u;
+    } else if (in) {
       q = ld_stream(wq);
-      s0 = __ldg(sp0 + gi), s1 = __ldg(sp1 + gi);
-      z0 = zp0 != nullptr ? __ldg(zp0 + gi) : 8u, z1 = zp1 != nullptr ? __ldg(zp1 + gi) : 8u;
+      s0 = __ldg(scales + (o0 + gi)), s1 = __ldg(scales + (o1 + gi));
+      z0 = zeros != nullptr ? __ldg(zeros + (o0 + gi)) : 8u, z1 = zeros != nullptr ? __ldg(zeros + (o1 + gi)) : 8u;
     } else {
       q = make_uint4(0, 0, 0, 0), s0 = s1 = 0.f, z0 = z1 = 8u;
     }
