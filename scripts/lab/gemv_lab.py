@@ -14,6 +14,7 @@ The ablated kernels compute nothing useful; they only show where the time goes (
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -22,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
 GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
-HEAD_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false, int TILES = 1>"
 HEAD = """#include "graph_timer.cuh"
 #include "common.cuh"
 namespace llmc::cuda {
@@ -95,23 +95,20 @@ INTERLEAVE_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 *
       }"""
 
 HEAD_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
-#define HD(name, mt, U, W, MINB, BANK, TILES, thr) run(name " (HEAD)", M, (const void*)w4a16_gemv_head<B, mt, U, false, W, MINB, BANK, TILES>, thr, gsm(W, U, mt), mt, false, TILES)
+#define HD(name, mt, U, W, MINB, BANK, thr) run(name " (HEAD)", M, (const void*)w4a16_gemv_head<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
 #define NW(name, mt, U, W, MINB, BANK, thr) run(name, M, (const void*)w4a16_gemv<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
-      if (M == 1) {
-        const int pre = 8 * PreLayoutHead(M, chunks, 8, 1, false).bytes;
-        run("pre U2 W8 (HEAD)", M, (const void*)w4a16_gemv_pre_head<B, 2, false, 8, 4>, 256, pre, 1, false);
+      if (M <= 8) {
+        HD("U4 W4 bank", 1, 4, 4, 4, true, 128);
         NW("U4 W4 bank", 1, 4, 4, 4, true, 128);
-        NW("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
-      } else if (M <= 8) {
-        HD("U4 W4 bank", 1, 4, 4, 4, true, 1, 128);
-        NW("U4 W4 bank", 1, 4, 4, 4, true, 128);
-        HD("U2 W8 2 tiles (wide)", 1, 2, 8, 2, false, 2, 512);
+        NW("U2 W4 bank", 1, 2, 4, 4, true, 128);
+        HD("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
         NW("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
       } else {
-        HD("MT2 U3 W4", 2, 3, 4, 4, false, 1, 128);
+        HD("MT2 U3 W4", 2, 3, 4, 4, false, 128);
         NW("MT2 U3 W4", 2, 3, 4, 4, false, 128);
+        HD("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128);
         NW("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128);
-        HD("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 1, 256);
+        HD("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256);
         NW("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256);
       }"""
 
@@ -127,6 +124,14 @@ BANK_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * M
         NB("MT2 U2 W2 MINB8 bank", 2, 2, 2, 8, 64); NB("MT2 U1 W8 MINB2 bank", 2, 1, 8, 2, 256);
         NB("MT2 U2 W8 MINB2 bank", 2, 2, 8, 2, 256);
       }"""
+
+PREBANK_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+      if (M != 1) continue;
+#define NB(name, mt, U, W, MINB, thr) run(name, M, (const void*)w4a16_gemv<B, mt, U, false, W, MINB, true>, thr, gsm(W, U, mt), mt, false)
+#define PB(name, U, W, MINB) run(name, M, (const void*)w4a16_gemv_pre<B, U, false, W, MINB>, W * 32, W * PreLayout(M, chunks, W, 1, false).bytes, 1, false)
+      NB("gemv U4 W4 bank", 1, 4, 4, 4, 128); NB("gemv U2 W4 bank", 1, 2, 4, 4, 128); NB("gemv U2 W8 MINB2 bank", 1, 2, 8, 2, 256);
+      PB("pre bank U2 W8", 2, 8, 4); PB("pre bank U4 W8 MINB2", 4, 8, 2); PB("pre bank U4 W4", 4, 4, 4);
+      PB("pre bank U2 W4", 2, 4, 4); PB("pre bank U3 W8 MINB3", 3, 8, 3); PB("pre bank U2 W16 MINB2", 2, 16, 2);"""
 
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
@@ -186,29 +191,37 @@ def main() -> None:
     mode.add_argument("--ring", action="store_true")
     mode.add_argument("--interleave", action="store_true", help="w4a16_gemv computing a bank's chunks as one "
                       "branch-free block of independent mma chains (BANK), against one chunk at a time; M = 4, 8, 16")
+    mode.add_argument("--prebank", action="store_true", help="M = 1: w4a16_gemv against the session-6 kernel that "
+                      "copies each warp's activations and scales once, banked (gemv_pre_bank_kernel.cuh)")
     mode.add_argument("--bank", action="store_true", help="w4a16_gemv with BANK over slots / warps, M = 1 and 16 (session 9)")
     mode.add_argument("--head", action="store_true", help="the w4a16_gemv configurations run() picks for M = 2-16, as in "
                       "the working tree and as committed (git HEAD), in the same run")
+    ap.add_argument("--base", type=Path, default=None, help="--head: read the baseline's w4a16.cu, w4a16.cuh and "
+                    "common.cuh from this folder instead of git HEAD")
     ap.add_argument("--keep", type=Path, default=None, help="also write the generated .cu here")
     args = ap.parse_args()
     body = slot_and_copies(args.ablate) + gemv_kernel(args.ablate)
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
-    if args.head:  # the committed w4a16_gemv and its Slot too (git HEAD), as w4a16_gemv_head: the same run's baseline
+    if args.prebank:
+        body += (Path(__file__).parent / "gemv_pre_bank_kernel.cuh").read_text()
+    if args.head:  # the committed w4a16_gemv, its Slot and epilogue (git HEAD), renamed *_head: the same run's baseline
         def show(path: str) -> str:
+            if args.base is not None:  # the same files copied out of a commit (a checkout without its history)
+                return (args.base / Path(path).name).read_text()
             return subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{path}"], capture_output=True, text=True,
                                   check=True).stdout
         cuh = show("llmcompress/kernels/csrc/cuda/w4a16.cuh")
-        slot = cuh[cuh.index("template <typename T>\nstruct Slot"):cuh.index("__device__ __forceinline__ void cp_async4")]
+        slot = cuh[cuh.index("// Loads done only"):cuh.index("__device__ __forceinline__ void cp_async4")]
         head = show("llmcompress/kernels/csrc/cuda/w4a16.cu")
-        kernel = head[head.index(HEAD_START):head.index(GEMV_END)]  # w4a16_gemv and w4a16_gemv_pre (session 8)
-        common = show("llmcompress/kernels/csrc/cuda/common.cuh")  # its reduce_warps_store with TILES
-        reduce = common[common.index("template <int W, int MT, int TILES = 1"):common.index("}  // namespace llmc::cuda")]
-        body += (reduce + slot + kernel).replace("reduce_warps_store", "reduce_warps_store_head").replace(
-            "struct Slot", "struct SlotHead").replace("Slot<T>", "SlotHead<T>").replace(
-            "w4a16_gemv(", "w4a16_gemv_head(").replace("w4a16_gemv_pre(", "w4a16_gemv_pre_head(").replace(
-            "PreLayout", "PreLayoutHead")
-    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else BANK_RUNS
+        kernel = head[head.index("template <typename T, int MT, int U, bool HAS_Z"):head.index(GEMV_END)]
+        common = show("llmcompress/kernels/csrc/cuda/common.cuh")
+        reduce = common[common.index("template <int W, int MT, typename Acc"):common.index("}  // namespace llmc::cuda")]
+        text = reduce + slot + kernel
+        for name in ["reduce_warps_store", "ld_stream_if", "ldg_if", "Slot", "w4a16_gemv"]:
+            text = re.sub(rf"\b{name}\b", f"{name}_head", text)
+        body += text
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else PREBANK_RUNS if args.prebank else BANK_RUNS
     harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 16" if args.bank else "1, 4, 8, 16")
     src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:
