@@ -23,6 +23,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CUDA = ROOT / "llmcompress" / "kernels" / "csrc" / "cuda"
 GEMV_START = "template <typename T, int MT, int U, bool HAS_Z, int W = 4, int MINB = 4, bool BANK = false>"
 GEMV_END = "// Mid-size M (prefill of short prompts"
+HALF_LOAD = r"""
+__device__ __forceinline__ float ldg_if_h(const __half* p, bool in) {
+  unsigned short v;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b16 %0, 0;\n @p ld.global.nc.b16 %0, [%1];\n}"
+      : "=&h"(v) : "l"(p), "r"(int(in)));
+  return __half2float(__ushort_as_half(v));
+}
+"""
+
 HEAD = """#include "graph_timer.cuh"
 #include "common.cuh"
 namespace llmc::cuda {
@@ -133,6 +142,17 @@ PREBANK_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U 
       PB("pre bank U2 W8", 2, 8, 4); PB("pre bank U4 W8 MINB2", 4, 8, 2); PB("pre bank U4 W4", 4, 4, 4);
       PB("pre bank U2 W4", 2, 4, 4); PB("pre bank U3 W8 MINB3", 3, 8, 3); PB("pre bank U2 W16 MINB2", 2, 16, 2);"""
 
+HALF_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+      if (M != 1 && M != 16) continue;
+#define NW(name, mt, U, W, MINB, BANK, thr) run(name, M, (const void*)w4a16_gemv<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
+#define NH(name, mt, U, W, MINB, BANK, thr) run(name " fp16 scales", M, (const void*)w4a16_gemv_h<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
+      if (M == 1) {
+        NW("U4 W4 bank", 1, 4, 4, 4, true, 128); NH("U4 W4 bank", 1, 4, 4, 4, true, 128);
+        NW("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256); NH("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
+      } else {
+        NW("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128); NH("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128);
+      }"""
+
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
         run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
@@ -193,6 +213,8 @@ def main() -> None:
                       "branch-free block of independent mma chains (BANK), against one chunk at a time; M = 4, 8, 16")
     mode.add_argument("--prebank", action="store_true", help="M = 1: w4a16_gemv against the session-6 kernel that "
                       "copies each warp's activations and scales once, banked (gemv_pre_bank_kernel.cuh)")
+    mode.add_argument("--half", action="store_true", help="w4a16_gemv reading 16-bit group scales (timing only: the "
+                      "values are not converted), against fp32 scales; M = 1 and 16")
     mode.add_argument("--bank", action="store_true", help="w4a16_gemv with BANK over slots / warps, M = 1 and 16 (session 9)")
     mode.add_argument("--head", action="store_true", help="the w4a16_gemv configurations run() picks for M = 2-16, as in "
                       "the working tree and as committed (git HEAD), in the same run")
@@ -203,6 +225,19 @@ def main() -> None:
     body = slot_and_copies(args.ablate) + gemv_kernel(args.ablate)
     if args.ring:
         body += (Path(__file__).parent / "gemv_ring_kernel.cuh").read_text()
+    if args.half:  # a copy of Slot and w4a16_gemv reading __half scales
+        sl = slot_and_copies(False)
+        text = sl[:sl.index("__device__ __forceinline__ void cp_async4")] + gemv_kernel(False)
+        text = text.replace("ldg_if(scales + (o0 + gi), in, 0.f)", "ldg_if_h(scales + (o0 + gi), in)").replace(
+            "ldg_if(scales + (o1 + gi), in, 0.f)", "ldg_if_h(scales + (o1 + gi), in)").replace(
+            "__ldg(scales + (o0 + gi))", "__half2float(__ldg(scales + (o0 + gi)))").replace(
+            "__ldg(scales + (o1 + gi))", "__half2float(__ldg(scales + (o1 + gi)))")
+        text = text[text.index("template <typename T>\nstruct Slot"):]
+        for name in ["Slot", "w4a16_gemv"]:
+            text = re.sub(rf"\b{name}\b", f"{name}_h", text)
+        text = text.replace("const float* scales", "const __half* scales").replace(
+            "const float* __restrict__ scales", "const __half* __restrict__ scales")
+        body += HALF_LOAD + text
     if args.prebank:
         body += (Path(__file__).parent / "gemv_pre_bank_kernel.cuh").read_text()
     if args.head:  # the committed w4a16_gemv, its Slot and epilogue (git HEAD), renamed *_head: the same run's baseline
@@ -221,8 +256,8 @@ def main() -> None:
         for name in ["reduce_warps_store", "ld_stream_if", "ldg_if", "Slot", "w4a16_gemv"]:
             text = re.sub(rf"\b{name}\b", f"{name}_head", text)
         body += text
-    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else PREBANK_RUNS if args.prebank else BANK_RUNS
-    harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 16" if args.bank else "1, 4, 8, 16")
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else HALF_RUNS if args.half else PREBANK_RUNS if args.prebank else BANK_RUNS
+    harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 16" if args.bank or args.half else "1, 4, 8, 16")
     src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:
         cu, exe = Path(tmp) / "lab.cu", Path(tmp) / "lab"
