@@ -151,6 +151,10 @@ HALF_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * M
         NW("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256); NH("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
       } else {
         NW("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128); NH("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128);
+        NW("MT2 U3 W4", 2, 3, 4, 4, false, 128); NH("MT2 U3 W4", 2, 3, 4, 4, false, 128);
+        NH("MT2 U2 W4 bank MINB3", 2, 2, 4, 3, true, 128); NH("MT2 U1 W4 bank", 2, 1, 4, 4, true, 128);
+        NH("MT2 U4 W4 bank", 2, 4, 4, 4, true, 128); NH("MT2 U3 W4 bank", 2, 3, 4, 4, true, 128);
+        NW("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256); NH("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256);
       }"""
 
 RING_RUNS = """      if (mt == 1) {
