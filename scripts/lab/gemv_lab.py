@@ -32,6 +32,21 @@ __device__ __forceinline__ float ldg_if_h(const __half* p, bool in) {
 }
 """
 
+PAIR_LOAD = r"""
+__device__ __forceinline__ float2 ldg2_if(const float2* p, bool in) {
+  float2 v;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+      " @p ld.global.nc.v2.f32 {%0, %1}, [%2];\n}" : "=&f"(v.x), "=&f"(v.y) : "l"(p), "r"(int(in)));
+  return v;
+}
+__device__ __forceinline__ float2 ldh2_if(const __half2* p, bool in) {
+  uint32_t v;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0;\n @p ld.global.nc.b32 %0, [%1];\n}"
+      : "=&r"(v) : "l"(p), "r"(int(in)));
+  return __half22float2(*reinterpret_cast<__half2*>(&v));
+}
+"""
+
 HEAD = """#include "graph_timer.cuh"
 #include "common.cuh"
 namespace llmc::cuda {
@@ -157,6 +172,21 @@ HALF_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * M
         NW("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256); NH("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256);
       }"""
 
+PAIRS_RUNS = """      auto gsm = [&](int W, int U, int MT) { return W * 2 * U * MT * 64 * 16; };
+      if (M == 4) continue;
+#define NW(name, mt, U, W, MINB, BANK, thr) run(name, M, (const void*)w4a16_gemv<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
+#define NP(name, mt, U, W, MINB, BANK, thr) run(name " fp32 pairs", M, (const void*)w4a16_gemv_p<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
+#define NQ(name, mt, U, W, MINB, BANK, thr) run(name " fp16 pairs", M, (const void*)w4a16_gemv_q<B, mt, U, false, W, MINB, BANK>, thr, gsm(W, U, mt), mt, false)
+#define ALL(name, mt, U, W, MINB, BANK, thr) NW(name, mt, U, W, MINB, BANK, thr); NP(name, mt, U, W, MINB, BANK, thr); NQ(name, mt, U, W, MINB, BANK, thr)
+      if (M <= 8) {
+        ALL("U4 W4 bank", 1, 4, 4, 4, true, 128);
+        ALL("U2 W8 MINB2 bank (wide)", 1, 2, 8, 2, true, 256);
+      } else {
+        ALL("MT2 U2 W4 bank", 2, 2, 4, 4, true, 128);
+        ALL("MT2 U3 W4", 2, 3, 4, 4, false, 128);
+        ALL("MT2 U2 W8 MINB2 bank (wide)", 2, 2, 8, 2, true, 256);
+      }"""
+
 RING_RUNS = """      if (mt == 1) {
         run("gemv U4 W4", M, (const void*)w4a16_gemv<B, 1, 4, false, 4, 4>, 128, 4 * 2 * 4 * 64 * 16, 1, false);
         run("gemv U2 W8", M, (const void*)w4a16_gemv<B, 1, 2, false, 8, 4>, 256, 8 * 2 * 2 * 64 * 16, 1, false);
@@ -219,6 +249,9 @@ def main() -> None:
                       "copies each warp's activations and scales once, banked (gemv_pre_bank_kernel.cuh)")
     mode.add_argument("--half", action="store_true", help="w4a16_gemv reading 16-bit group scales (timing only: the "
                       "values are not converted), against fp32 scales; M = 1 and 16")
+    mode.add_argument("--pairs", action="store_true", help="w4a16_gemv reading each group's scales of rows g and "
+                      "g + 8 as one load from a [tile][group][8 pairs] layout, fp32 or fp16 (timing only), against "
+                      "the [N][G] fp32 scales; M = 1, 8, 16")
     mode.add_argument("--bank", action="store_true", help="w4a16_gemv with BANK over slots / warps, M = 1 and 16 (session 9)")
     mode.add_argument("--head", action="store_true", help="the w4a16_gemv configurations run() picks for M = 2-16, as in "
                       "the working tree and as committed (git HEAD), in the same run")
@@ -242,6 +275,24 @@ def main() -> None:
         text = text.replace("const float* scales", "const __half* scales").replace(
             "const float* __restrict__ scales", "const __half* __restrict__ scales")
         body += HALF_LOAD + text
+    if args.pairs:  # copies of Slot and w4a16_gemv reading a tile's row pairs (g, g + 8) of one group as one load
+        sl = slot_and_copies(False)
+        base = sl[:sl.index("__device__ __forceinline__ void cp_async4")] + gemv_kernel(False)
+        base = base[base.index("template <typename T>\nstruct Slot"):]
+        rows = "  const int o0 = min(row0, N - 1) * G, o1 = min(row1, N - 1) * G;"
+        assert rows in base
+        base = base.replace(rows, "  const int o0 = ntc * G * 8 + g, o1 = 0;  // [tile][group][8 row pairs]")
+        for tag, load, cast in [("p", "ldg2_if", "const float2*"), ("q", "ldh2_if", "const __half2*")]:
+            text = base.replace("s0 = ldg_if(scales + (o0 + gi), in, 0.f), s1 = ldg_if(scales + (o1 + gi), in, 0.f);",
+                                f"{{ const float2 v = {load}(reinterpret_cast<{cast}>(scales) + (o0 + gi * 8), in); "
+                                "s0 = v.x, s1 = v.y; }")
+            text = text.replace("s0 = __ldg(scales + (o0 + gi)), s1 = __ldg(scales + (o1 + gi));",
+                                f"{{ const float2 v = {load}(reinterpret_cast<{cast}>(scales) + (o0 + gi * 8), true); "
+                                "s0 = v.x, s1 = v.y; }")
+            for name in ["Slot", "w4a16_gemv"]:
+                text = re.sub(rf"\b{name}\b", f"{name}_{tag}", text)
+            body += text
+        body = PAIR_LOAD + body
     if args.prebank:
         body += (Path(__file__).parent / "gemv_pre_bank_kernel.cuh").read_text()
     if args.head:  # the committed w4a16_gemv, its Slot and epilogue (git HEAD), renamed *_head: the same run's baseline
@@ -260,7 +311,7 @@ def main() -> None:
         for name in ["reduce_warps_store", "ld_stream_if", "ldg_if", "Slot", "w4a16_gemv"]:
             text = re.sub(rf"\b{name}\b", f"{name}_head", text)
         body += text
-    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else HALF_RUNS if args.half else PREBANK_RUNS if args.prebank else BANK_RUNS
+    runs = ABLATE_RUNS if args.ablate else RING_RUNS if args.ring else INTERLEAVE_RUNS if args.interleave else HEAD_RUNS if args.head else PAIRS_RUNS if args.pairs else HALF_RUNS if args.half else PREBANK_RUNS if args.prebank else BANK_RUNS
     harness = HARNESS.replace("@RUNS@", runs).replace("@MS@", "1, 16" if args.bank or args.half else "1, 4, 8, 16")
     src = HEAD + body + harness.replace("@ONE@", "1" if args.ablate else "0")
     with tempfile.TemporaryDirectory() as tmp:
