@@ -417,6 +417,10 @@ class AWQConfig:
     refit_in_search: bool = opt(False, "refit_scales: score each candidate s with RTN + the refit (2-4x slower; "
                                 "unstable: with normalize_tokens, g128 sym 26.3 on one calibration sample, 32.3 on "
                                 "another)")
+    clip_in_search: bool = opt(False, "score each candidate s with the clip search it will then get (groups "
+                               "without q/k; about 10x slower: g128 sym on an H100 26.64 / 26.37 / 26.58 / 26.41 on "
+                               "four weight perturbations, mean 26.50, against 26.49 / 27.46 / 26.52 / 26.56, mean "
+                               "26.76)")
     refit_damp: float = opt(0.01, "refit_scales: λ = refit_damp · mean(diag H) added to H's diagonal", ge=0.0)
     gqa_scales: bool = opt(False, "under grouped-query attention, give o_proj AWQ scales tied per v_proj channel "
                            "(folded into v_proj) instead of none (g128 sym 26.5 / 27.0 on two calibration samples "

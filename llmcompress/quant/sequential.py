@@ -228,7 +228,8 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                                              spec.group_size, cfg.awq.normalize_tokens,
                                              score=_awq_score(cfg, layer, lw, masks, ref, mine, prod, cons, x),
                                              fq_for=awq_.refit_quantizer(x, spec, new_observer, cfg.awq.refit_damp)
-                                             if cfg.awq.refit_scales and cfg.awq.refit_in_search else None,
+                                             if cfg.awq.refit_scales and cfg.awq.refit_in_search else
+                                             _clip_quantizer(cfg, spec, new_observer, x, cons),
                                              tie=tie)
                     # under a tie, v_proj's rows take the s of the o columns they feed (function unchanged)
                     s_v = None if tie is None else torch.ones(producer.out_features, device=s.device).index_copy_(
@@ -347,6 +348,22 @@ def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -
         h.remove()
         lw.current = None
     return got
+
+
+def _clip_quantizer(cfg: QuantizeConfig, spec, new_observer, x, cons):
+    """awq_search's fq_for for awq.clip_in_search: each candidate s scored with the clip search it will get (on
+    the inputs x / s); None where it does not apply (q/k are never clipped, or no clip)."""
+    if not (cfg.awq.clip_in_search and cfg.awq.clip and spec.granularity == "group"):
+        return None
+    if any(c.endswith(("q_proj", "k_proj")) for c in cons):
+        return None
+    fq = _weight_fake_quant(spec, new_observer)
+
+    def for_scale(s: torch.Tensor):
+        xs = x / s.to(x.device)
+        return lambda w: fq(awq_.clip_search(xs, w, fq, spec.group_size, rows=cfg.awq.clip_tokens,
+                                             normalize_tokens=cfg.awq.normalize_tokens))
+    return for_scale
 
 
 def _awq_score(cfg: QuantizeConfig, layer, lw, masks, ref, mine, prod, cons, x):

@@ -45,6 +45,28 @@ def test_awq_search_never_worse_than_scale_one(seed, duo):
         assert rec["loss"] < 0.9 * rec["loss_unscaled"]
 
 
+def test_awq_clip_in_search_scores_each_scale_with_its_clip():
+    """awq.clip_in_search: the candidate s is scored by clip_search on the inputs x / s, then the quantizer, on the
+    groups that get clipped; groups holding q/k_proj (never clipped) and configs without the clip keep plain RTN."""
+    from llmcompress.config import QuantizeConfig, load_config
+    from llmcompress.quant.awq import clip_search
+    from llmcompress.quant.sequential import _clip_quantizer
+
+    spec = QuantSpec("int4", True, "group", 64)
+    cfg = load_config(QuantizeConfig, overrides=["method=awq", "awq.clip_in_search=true", "awq.clip_tokens=64"])
+    new_obs = lambda sp: make_observer("minmax", sp)  # noqa: E731
+    x = _activations(128, 128, 3)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+    s = torch.rand(128, generator=torch.Generator().manual_seed(6)) + 0.5
+    fq_for = _clip_quantizer(cfg, spec, new_obs, x, ["mlp.gate_proj", "mlp.up_proj"])
+    want = _fq(spec)(clip_search(x / s, w * s, _fq(spec), 64, rows=64))
+    assert torch.equal(fq_for(s)(w * s), want)
+    assert not torch.equal(want, _fq(spec)(w * s))  # the clip did change something here
+    assert _clip_quantizer(cfg, spec, new_obs, x, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]) is None
+    off = load_config(QuantizeConfig, overrides=["method=awq", "awq.clip_in_search=true", "awq.clip=false"])
+    assert _clip_quantizer(off, spec, new_obs, x, ["mlp.down_proj"]) is None
+
+
 def test_awq_weight_mean_normalises_per_group_ragged():
     w = torch.zeros(2, 5)
     w[0] = torch.tensor([1.0, -2.0, 4.0, 0.5, 0.25])
