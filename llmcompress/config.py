@@ -418,7 +418,7 @@ class AWQConfig:
                                 "unstable: with normalize_tokens, g128 sym 26.3 on one calibration sample, 32.3 on "
                                 "another)")
     clip_in_search: bool = opt(False, "score each candidate s with the clip search it will then get (groups "
-                               "without q/k; about 10x slower: g128 sym on an H100 26.64 / 26.37 / 26.58 / 26.41 on "
+                               "without q/k; the plain clip search, also under clip_refit; about 10x slower: g128 sym on an H100 26.64 / 26.37 / 26.58 / 26.41 on "
                                "four weight perturbations, mean 26.50, against 26.49 / 27.46 / 26.52 / 26.56, mean "
                                "26.76)")
     refit_damp: float = opt(0.01, "refit_scales: λ = refit_damp · mean(diag H) added to H's diagonal", ge=0.0)

@@ -242,8 +242,7 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                            if cfg.awq.clip and cfg.awq.refit_scales and cfg.awq.clip_refit else None)
                 for c in cons:
                     w = mine[c].weight
-                    if cfg.awq.clip and spec.granularity == "group" and not c.endswith(("q_proj", "k_proj")):
-                        # AutoAWQ leaves q/k unclipped: attention logits amplify their error
+                    if _clipped(cfg, spec, c):
                         w.copy_(awq_.clip_search(x, w, _weight_fake_quant(spec, new_observer), spec.group_size,
                                                  rows=cfg.awq.clip_tokens, normalize_tokens=cfg.awq.normalize_tokens,
                                                  refit_H=refit_H,
@@ -350,12 +349,16 @@ def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -
     return got
 
 
+def _clipped(cfg: QuantizeConfig, spec, name: str) -> bool:
+    """Whether AWQ's clip search runs on the Linear `name` (group-wise weights only; AutoAWQ leaves q/k unclipped:
+    attention logits amplify their error)."""
+    return cfg.awq.clip and spec.granularity == "group" and not name.endswith(("q_proj", "k_proj"))
+
+
 def _clip_quantizer(cfg: QuantizeConfig, spec, new_observer, x, cons):
     """awq_search's fq_for for awq.clip_in_search: each candidate s scored with the clip search it will get (on
-    the inputs x / s); None where it does not apply (q/k are never clipped, or no clip)."""
-    if not (cfg.awq.clip_in_search and cfg.awq.clip and spec.granularity == "group"):
-        return None
-    if any(c.endswith(("q_proj", "k_proj")) for c in cons):
+    the inputs x / s); None where it does not apply (a group holding q/k, which are never clipped, or no clip)."""
+    if not (cfg.awq.clip_in_search and all(_clipped(cfg, spec, c) for c in cons)):
         return None
     fq = _weight_fake_quant(spec, new_observer)
 
