@@ -455,7 +455,21 @@ def test_cuda_w8a8_large_tile_widths(tile_n, monkeypatch):
 
 
 @pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
-@pytest.mark.parametrize("variant", [1, 3, 5, 6])
+def test_cuda_w4a16_default_dispatch_few_tiles():
+    """run()'s own choice where N gives few 64-feature tiles (N = 4096: the 2-CTA split-K wgmma blocks where they
+    fit one wave, and the gemv kernel below M = 33 where K is short) and N = 6144 (one wave of single blocks),
+    ragged M included, against float64: whichever kernel a shape lands on must be right."""
+    for m, k, n in [(17, 8192, 4096), (40, 4096, 4096), (100, 4096, 4096), (128, 8192, 4096), (77, 4096, 6144)]:
+        qweight, scales, zeros = random_w4(n, k, 128, m % 2 == 1, "cuda", scale_dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, 128))
+        y_ref = ref.w4a16_linear(x.cpu(), qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(), 128,
+                                 compute_dtype=torch.float64)
+        assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3, (m, k, n)
+
+
+@pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
+@pytest.mark.parametrize("variant", [1, 3, 5, 6, 10, 11])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_w4a16_wgmma_shapes(variant, dtype, monkeypatch):
     """Every tile shape of the Hopper wgmma W4A16 kernel (LLMC_W4_WGMMA), forced over all M: ragged token and

@@ -151,7 +151,11 @@ struct alignas(1024) WgStage {
   uint32_t z[4][16];    // the aligned 4-byte word holding each row's zero point
 };
 template <int TOK, int KS, int S>
-constexpr int wg_smem() { return KS * S * int(sizeof(WgStage<TOK>)) + KS * S * 8 + 1024; }  // + barriers, alignment
+constexpr int wg_smem() {
+  constexpr int bytes = KS * S * int(sizeof(WgStage<TOK>)) + KS * S * 8 + 1024;  // + barriers, alignment
+  static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper block may have");
+  return bytes;
+}
 
 // Named barrier of warpgroup wg alone; immediate ids 1-4 (0 is __syncthreads'), so the compiler reserves
 // only these.
@@ -164,6 +168,22 @@ __device__ __forceinline__ void wg_barrier(int wg) {
   }
 }
 
+// The two CTAs of a cluster: this CTA's rank, a barrier of every thread of both (release / acquire, so shared-memory
+// writes before it are seen after it), and a store into the other CTA's shared memory at the address `p` has here.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void st_cluster(const void* p, uint32_t rank, float v) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+}
+
 // A block computes 64 features x TOK tokens. Its KS warpgroups split K (contiguous runs of chunks), each with
 // its own stage ring and named barrier, so they run as independent pipelines (one warpgroup alone leaves
 // each scheduler a single warp, and the dequantization's dependent instructions then idle it); their
@@ -171,7 +191,11 @@ __device__ __forceinline__ void wg_barrier(int wg) {
 // tensor copy (issued by the warpgroup's first thread, completing on the stage's mbarrier), so the warps'
 // own instructions go to their weights: one 16-byte cp.async of codes per lane, plus a scale and a
 // zero-point word.
-template <typename T, int TOK, int KS, int S, bool HAS_Z>
+// CL = 2: the grid's z pairs blocks into 2-CTA clusters (launched with that cluster shape) that split K between
+// them too, each CTA's KS warpgroups taking a quarter of it at KS = 2: so few feature tiles (N = 4096: 64) still
+// fill the SMs with 128-token blocks, whose wgmma (n = 128) keeps the tensor cores busier than 64-token ones in
+// the same time. Rank 1 adds its sums into rank 0's shared memory; rank 0 stores.
+template <typename T, int TOK, int KS, int S, bool HAS_Z, int CL = 1>
 __global__ void __launch_bounds__(KS * 128)
     w4a16_wgmma(const __grid_constant__ CUtensorMap xmap, const uint4* __restrict__ qw,
                 const float* __restrict__ scales, const uint8_t* __restrict__ zeros, const T* __restrict__ bias,
@@ -190,7 +214,10 @@ __global__ void __launch_bounds__(KS * 128)
   const int tiles = (N + 15) / 16;
   const int want = blockIdx.y * 4 + warp;
   const int nt = min(want, tiles - 1);  // a tile past N recomputes the last one, unstored
-  const int per = (chunks + KS - 1) / KS, cb = min(chunks, wg * per), ce = min(chunks, cb + per);
+  static_assert(CL == 1 || CL == 2, "clusters of one or two CTAs along K");
+  const uint32_t rank = CL > 1 ? cluster_rank() : 0;
+  const int split = int(rank) * KS + wg;  // this warpgroup's share of K, of KS x CL
+  const int per = (chunks + KS * CL - 1) / (KS * CL), cb = min(chunks, split * per), ce = min(chunks, cb + per);
   const uint4* wnext = qw + ((int64_t)nt * chunks + cb) * 32 + lane;  // codes of the next chunk to copy (loop-carried,
                                                                       // so it stays in registers)
   // Lanes 0-15 copy the scale of row nt * 16 + lane; lanes 16-31 its zero-point word.
@@ -283,15 +310,30 @@ __global__ void __launch_bounds__(KS * 128)
       for (int i = 0; i < TOK / 2; ++i) red[i * 128 + tid] = acc[i];
     }
     __syncthreads();
-    if (wg > 0) return;
+    if (wg == 0) {
 #pragma unroll
-    for (int k = 1; k < KS; ++k) {
-      const float* other = reinterpret_cast<const float*>(ring0 + k * S);
+      for (int k = 1; k < KS; ++k) {
+        const float* other = reinterpret_cast<const float*>(ring0 + k * S);
 #pragma unroll
-      for (int i = 0; i < TOK / 2; ++i) acc[i] += other[i * 128 + tid];
+        for (int i = 0; i < TOK / 2; ++i) acc[i] += other[i * 128 + tid];
+      }
     }
   }
-  if (want >= tiles) return;
+  if constexpr (CL > 1) {  // rank 1's warpgroup 0 adds its sums into rank 0's ring of warpgroup 0, idle by now
+    float* red0 = reinterpret_cast<float*>(ring0);
+    cluster_sync();  // every thread of both CTAs is past its main loop (and the reduction above)
+    if (rank == 1 && wg == 0) {
+#pragma unroll
+      for (int i = 0; i < TOK / 2; ++i) st_cluster(red0 + i * 128 + tid, 0, acc[i]);
+    }
+    cluster_sync();  // ... and rank 1's sums have landed
+    if (rank == 1) return;
+    if (wg == 0) {
+#pragma unroll
+      for (int i = 0; i < TOK / 2; ++i) acc[i] += red0[i * 128 + tid];
+    }
+  }
+  if (wg > 0 || want >= tiles) return;
   // acc[4 i + 2 h + e] = D[feature 16 warp + g + 8 h][token 8 i + 2 t + e] of the warpgroup's 64 x TOK tile
   const int row0 = nt * 16 + g, row1 = row0 + 8;
   const float b0 = bias != nullptr && row0 < N ? to_float(bias[row0]) : 0.f;
@@ -355,29 +397,49 @@ bool w4a16_sm90(const T* x, const uint4* qw, const float* scales, const uint8_t*
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   if (!is_sm90(dev)) return false;
-  auto go = [&](auto kernel, int tok, int ks, int smem) {
-    const dim3 grid((M + tok - 1) / tok, (N + 63) / 64);
+  auto go = [&](auto kernel, int tok, int ks, int smem, int cl = 1) {
     launch_attrs_once(kernel, smem);
-    kernel<<<grid, ks * 128, smem, stream>>>(activation_map(x, M, K, tok), qw, scales, zeros, bias, out, M, N, K, G,
-                                             cshift, chunks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3((M + tok - 1) / tok, (N + 63) / 64, cl);
+    cfg.blockDim = dim3(ks * 128);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = cl;
+    cfg.attrs = attr, cfg.numAttrs = cl > 1 ? 1 : 0;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, activation_map(x, M, K, tok), qw, scales, zeros, bias, out, M, N, K,
+                                      G, cshift, chunks));
   };
   // Tokens per block x warpgroups splitting K (stages per warpgroup), by M and by how many 64-feature tiles
-  // there are to spread over the SMs; LLMC_W4_WGMMA overrides it for sweeps (scripts/results/h100_wgmma has
-  // them all). At 8192 x 8192 on H100: M <= 32: 32 x 4 (28.6 us; 64 x 4: 32.9); M <= 64: 64 x 4 (33.7;
-  // 128 x 2: 43.6); M <= 128: 128 x 2 (45.8; 64 x 4: 63.9, 128 x 1: 63.3). With N = 4096 (64 tiles) the
-  // larger token tiles leave SMs idle: there 32 x 4 to M = 64 and 64 x 4 to M = 128. With N = 14336 (224
-  // tiles) 128 x 1 blocks (two per SM) fit one wave where 128 x 2 takes two.
-  const int tiles64 = (N + 63) / 64;
+  // there are to spread over the SMs; LLMC_W4_WGMMA overrides it for sweeps (scripts/lab/wgmma_sweep.py;
+  // scripts/results/h100_wgmma, h100_s10_wgmma). Every variant takes one block per SM (shared memory), except
+  // 128 x 1 (two). At 8192 x 8192 on H100: M <= 32: 32 x 4 (28.6 us; 64 x 4: 32.9); M <= 64: 64 x 4 (27.7 with
+  // five stages, 26.2 with four); M <= 128: 128 x 2 (36.5; 64 x 4: 54.0, 128 x 1: 51.0). With N = 14336 (224
+  // tiles) 128 x 1 blocks fit one wave where 128 x 2 takes two.
+  // Few tiles (N <= 6144) leave SMs idle, and a block's time hardly depends on its token count (one dependent
+  // chain of wgmma a warpgroup): there the 2-CTA clusters that also split K (variants 10 and 11) where they fit
+  // one wave (N = 4096: 14336 x 4096 M = 64 39.8 -> 26.1 us, M = 128 42.9 -> 33.5; 4096 x 4096 M = 64
+  // 13.9 -> 11.3, M = 128 15.1 -> 13.5), 128-token ones only where they are at least 3/4 full or K is long
+  // (4096 x 4096 M = 96: 64 x 4 15.1 us, 128 x 2 x 2 16.3); else the smallest token tile whose blocks fit one
+  // wave (N = 6144, M = 64: 64 x 4 15.0 us against 32 x 4's 26.6; M = 128: 128 x 2 20.3 against 64 x 4's 28.5).
+  const int tiles64 = (N + 63) / 64, sms = sm_count();
   const bool few = tiles64 <= 96, many = tiles64 > 160;
-  const int by_shape = M <= 32 ? 6 : M <= 64 ? (few ? 6 : 5) : M <= 128 && few ? 5 : many ? 1 : 3;
+  auto fits = [&](int tok, int cl) { return (M + tok - 1) / tok * tiles64 * cl <= sms; };
+  int by_shape;
+  if (few && M <= 64 && fits(64, 2)) by_shape = 11;
+  else if (few && M <= 128 && (M > 96 || K >= 8192) && fits(128, 2)) by_shape = 10;
+  else if (few && M <= 128) by_shape = fits(32, 1) && M <= 32 ? 6 : fits(64, 1) ? 5 : 3;
+  else by_shape = M <= 32 ? 6 : M <= 64 ? 5 : many ? 1 : 3;
   const int variant = env_int("LLMC_W4_WGMMA", by_shape);
   auto pick = [&](auto has_z) {
     constexpr bool Z = decltype(has_z)::value;
     switch (variant) {
       case 1: go(w4a16_wgmma<T, 128, 1, 5, Z>, 128, 1, wg_smem<128, 1, 5>()); break;
-      case 5: go(w4a16_wgmma<T, 64, 4, 4, Z>, 64, 4, wg_smem<64, 4, 4>()); break;
+      case 5: go(w4a16_wgmma<T, 64, 4, 5, Z>, 64, 4, wg_smem<64, 4, 5>()); break;
       case 6: go(w4a16_wgmma<T, 32, 4, 6, Z>, 32, 4, wg_smem<32, 4, 6>()); break;
+      case 10: go(w4a16_wgmma<T, 128, 2, 5, Z, 2>, 128, 2, wg_smem<128, 2, 5>(), 2); break;  // 2-CTA clusters
+      case 11: go(w4a16_wgmma<T, 64, 4, 4, Z, 2>, 64, 4, wg_smem<64, 4, 4>(), 2); break;
       default: go(w4a16_wgmma<T, 128, 2, 5, Z>, 128, 2, wg_smem<128, 2, 5>());
     }
   };
