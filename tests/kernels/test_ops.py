@@ -407,6 +407,55 @@ def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_cuda_w4a16_decode_after_its_producer(pdl, monkeypatch):
+    """The decode kernel is a programmatic dependent launch on sm_90+ (LLMC_W4_PDL): it may start before the kernel
+    before it in the stream has finished, so it must read nothing that kernel writes until it has. Each step here
+    writes the activations with a copy kernel right before the op, and the previous op's output is overwritten,
+    eagerly and replayed in one CUDA graph; every result must equal its own float64 reference."""
+    monkeypatch.setenv("LLMC_W4_PDL", pdl)
+    n, k = 4096, 4096
+    qweight, scales, _ = random_w4(n, k, 128, False, "cuda", scale_dtype=torch.bfloat16)
+    packed = ops.pack_w4a16(qweight, scales, None, 128)
+    w = ref.dequantize_int4(qweight.cpu(), scales.cpu(), None, 128, k, torch.float64)
+    srcs = [torch.randn(1, k, device="cuda").to(torch.bfloat16) for _ in range(6)]
+    x = torch.empty(1, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    ys = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in srcs]
+
+    def steps():
+        for src, y in zip(srcs, ys):
+            x.copy_(src)
+            out.copy_(ops.w4a16_linear(x, packed))
+            y.copy_(out)
+
+    def check():
+        for src, y in zip(srcs, ys):
+            y_ref = src.cpu().double() @ w.t()
+            assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16] + 3e-3
+
+    steps()
+    torch.cuda.synchronize()
+    check()
+    for y in ys:
+        y.zero_()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        steps()  # warm-up on the capture stream
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            steps()
+    torch.cuda.current_stream().wait_stream(stream)
+    for y in ys:
+        y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    check()
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_w4a16_one_token(dtype):
     """M = 1 (the gemv kernel's banks): K of 3 chunks (fewer than the warps: most get none), of 40 and of 384

@@ -251,6 +251,11 @@ __global__ void __launch_bounds__(W * 32, MINB)
     for (int u = 0; u < U; ++u) sl[u].template add_scaled<MT>(part[u], acc);
   };
 
+  // Launched as a programmatic dependent launch (run()): the next kernel may launch now; this one's first two
+  // banks of codes go to L2 while the kernels before finish, and nothing is read until they have.
+  pdl_launch_dependents();
+  if (lane == 0 && cb < ce) prefetch_l2(wp - lane, uint32_t(min(2 * U, ce - cb)) * 512u);
+  pdl_wait();
   Slot<T> sa[U], sb[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -486,8 +491,8 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
         const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings, one per K run
         launch_attrs_once(kernel, smem);
-        kernel<<<grid, warps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
-                                                   cshift, chunks);
+        launch(kernel, grid, dim3(warps * 32), smem, stream, pdl_enabled(), xp, wq, scales.data_ptr<float>(), zp, bp, op,
+               M, N, int(K), G, cshift, chunks);
       };
       // By M and by how many 16-feature tiles the SMs get (H100: scripts/results/h100_s9_gemv, lab_head.txt, all
       // against the kernels picked before; LLMC_W4_GEMV_WIDE=0/1 forces the first choice for tests and sweeps):

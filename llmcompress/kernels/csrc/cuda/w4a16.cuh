@@ -7,6 +7,7 @@
 #include <mutex>
 #include <set>
 #include <tuple>
+#include <utility>
 
 #include "common.cuh"
 
@@ -35,6 +36,28 @@ __device__ __forceinline__ uint32_t ldg_if(const uint8_t* p, bool in, uint32_t o
   asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, %3;\n @p ld.global.nc.u8 %0, [%1];\n}"
       : "=&r"(v) : "l"(p), "r"(int(in)), "r"(otherwise));
   return v;
+}
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere, and when the kernel was launched without the attribute):
+// launch_dependents lets the next kernel in the stream launch now, so its blocks take SMs as this one's leave
+// instead of after the grid has drained; pdl_wait blocks until the kernels before have finished and their writes
+// are visible. Nothing a kernel before may have written (activations, outputs, weights) is read before pdl_wait.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// `bytes` (a multiple of 16, 16-byte aligned) of global memory into L2, fire and forget. Safe before pdl_wait: L2
+// is where every write lands, so a prefetched line is never stale (a load into registers could be).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
 }
 
 // A chunk's weights, scales and zero points are loaded together into a register slot U chunks before they
@@ -133,6 +156,34 @@ inline void launch_attrs_once(Kernel kernel, int smem) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   done.insert(key);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where `pdl` (the kernel then
+// calls pdl_wait before reading anything an earlier kernel may write).
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+                   Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr, cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+// Programmatic dependent launch is on for the decode kernel on sm_90+ (LLMC_W4_PDL=0 turns it off).
+inline bool pdl_enabled() {
+  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) return false;
+  if (cache[dev] == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    cache[dev] = major >= 9 ? 1 : 2;
+  }
+  return cache[dev] == 1 && env_int("LLMC_W4_PDL", 1) != 0;
 }
 
 // Hopper W4A16 for mid-size M (w4a16_sm90.cu): false, doing nothing, where this build or device has no such
