@@ -22,18 +22,21 @@ inline int env_int(const char* name, int fallback) {
   return env != nullptr ? std::atoi(env) : fallback;
 }
 
-// Host: the multiprocessor count of the current device (cached per device).
-inline int sm_count() {
+// Host: an attribute of the current device, cached per device (at least 1; 1 where it cannot be read).
+template <cudaDeviceAttr ATTR>
+inline int device_attr() {
   static int cache[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
   if (cache[dev] == 0) {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = sms > 0 ? sms : 1;
+    int v = 0;
+    cudaDeviceGetAttribute(&v, ATTR, dev);
+    cache[dev] = v > 0 ? v : 1;
   }
   return cache[dev];
 }
+inline int sm_count() { return device_attr<cudaDevAttrMultiProcessorCount>(); }
+inline int cc_major() { return device_attr<cudaDevAttrComputeCapabilityMajor>(); }
 
 constexpr int kWarps = 8;  // warps per block; they split K of one 16-feature tile
 

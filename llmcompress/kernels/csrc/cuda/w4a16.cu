@@ -491,8 +491,8 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
         const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings, one per K run
         launch_attrs_once(kernel, smem);
-        launch(kernel, grid, dim3(warps * 32), smem, stream, pdl_enabled(), xp, wq, scales.data_ptr<float>(), zp, bp, op,
-               M, N, int(K), G, cshift, chunks);
+        launch(kernel, grid, dim3(warps * 32), smem, stream, pdl_enabled(), 1, xp, wq, scales.data_ptr<float>(), zp, bp,
+               op, M, N, int(K), G, cshift, chunks);
       };
       // By M and by how many 16-feature tiles the SMs get (H100: scripts/results/h100_s9_gemv, lab_head.txt, all
       // against the kernels picked before; LLMC_W4_GEMV_WIDE=0/1 forces the first choice for tests and sweeps):

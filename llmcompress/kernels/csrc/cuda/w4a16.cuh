@@ -159,32 +159,29 @@ inline void launch_attrs_once(Kernel kernel, int smem) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where `pdl` (the kernel then
-// calls pdl_wait before reading anything an earlier kernel may write).
+// calls pdl_wait before reading anything an earlier kernel may write), in clusters of `cluster_z` blocks along the
+// grid's z where that is more than 1.
 template <typename... Params, typename... Args>
 inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
-                   Args&&... args) {
+                   int cluster_z, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr, cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1, attr[n].val.clusterDim.y = 1, attr[n++].val.clusterDim.z = cluster_z;
+  }
+  cfg.attrs = attr, cfg.numAttrs = n;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 // Programmatic dependent launch is on for the decode kernel on sm_90+ (LLMC_W4_PDL=0 turns it off).
-inline bool pdl_enabled() {
-  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) return false;
-  if (cache[dev] == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cache[dev] = major >= 9 ? 1 : 2;
-  }
-  return cache[dev] == 1 && env_int("LLMC_W4_PDL", 1) != 0;
-}
+inline bool pdl_enabled() { return cc_major() >= 9 && env_int("LLMC_W4_PDL", 1) != 0; }
 
 // Hopper W4A16 for mid-size M (w4a16_sm90.cu): false, doing nothing, where this build or device has no such
 // kernel or the shape does not suit it (the caller then runs its own kernels).

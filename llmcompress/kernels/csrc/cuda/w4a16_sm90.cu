@@ -377,16 +377,6 @@ CUtensorMap activation_map(const T* x, int M, int K, int tok) {
   return map;
 }
 
-bool is_sm90(int dev) {
-  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
-  if (dev < 0 || dev >= 64) return false;
-  if (cache[dev] == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    cache[dev] = major == 9 ? 1 : 2;
-  }
-  return cache[dev] == 1;
-}
 
 }  // namespace
 
@@ -394,22 +384,11 @@ template <typename T>
 bool w4a16_sm90(const T* x, const uint4* qw, const float* scales, const uint8_t* zeros, const T* bias, T* out, int M,
                 int N, int K, int G, int cshift, int chunks, cudaStream_t stream) {
 #if defined(LLMC_SM90A)
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (!is_sm90(dev)) return false;
+  if (cc_major() != 9) return false;
   auto go = [&](auto kernel, int tok, int ks, int smem, int cl = 1) {
     launch_attrs_once(kernel, smem);
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3((M + tok - 1) / tok, (N + 63) / 64, cl);
-    cfg.blockDim = dim3(ks * 128);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = cl;
-    cfg.attrs = attr, cfg.numAttrs = cl > 1 ? 1 : 0;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, activation_map(x, M, K, tok), qw, scales, zeros, bias, out, M, N, K,
-                                      G, cshift, chunks));
+    launch(kernel, dim3((M + tok - 1) / tok, (N + 63) / 64, cl), dim3(ks * 128), smem, stream, false, cl,
+           activation_map(x, M, K, tok), qw, scales, zeros, bias, out, M, N, K, G, cshift, chunks);
   };
   // Tokens per block x warpgroups splitting K (stages per warpgroup), by M and by how many 64-feature tiles
   // there are to spread over the SMs; LLMC_W4_WGMMA overrides it for sweeps (scripts/lab/wgmma_sweep.py;
