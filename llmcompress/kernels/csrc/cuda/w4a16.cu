@@ -471,19 +471,9 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   const bool fast = K % 64 == 0 && group_size % 64 == 0 && (cpg & (cpg - 1)) == 0 &&
                     reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(zp) % 4 == 0 &&
                     K < (int64_t(1) << 30) && int64_t(N) * G < (int64_t(1) << 31) && !std::getenv("LLMC_W4_GENERIC");
-  // Hopper: the wgmma kernel (w4a16_sm90.cu) from M = 17 to M = 512; LLMC_W4_SM90_MIN_M / _MAX_M move the range
-  // for sweeps (MAX_M=0 turns it off). On H100 (scripts/results/h100_wgmma), 8192 x 8192: 27.1 us at M = 32,
-  // 39.0 at M = 128, against bf16's 49-51 and, before it, the gemv kernel's 43.8 and the tiled kernel's 89.0.
-  // Where N <= 6144 (few 64-feature tiles) the gemv kernel keeps M <= 32, unless K is long enough (>= 8192) for
-  // the wgmma kernel's 2-CTA split-K blocks, which must fit one wave (scripts/results/h100_s10_wgmma: 4096 x
-  // 4096 M = 32 gemv 10.1 us, wgmma 12.8; 8192 x 4096 18.2 against 17.5; 14336 x 4096 34.2 against 25.2).
-  // The dequantize + cuBLAS path takes over past M = 512.
   const int cshift = fast ? __builtin_ctz(cpg) : 0;  // chunk -> group: c >> cshift
-  const int tiles64 = (N + 63) / 64;
-  const bool split_k = K >= 8192 && 2 * tiles64 <= sm_count();
-  const int sm90_min = env_int("LLMC_W4_SM90_MIN_M", tiles64 > 96 || split_k ? 17 : 33);
-  if (fast && M >= sm90_min && M <= env_int("LLMC_W4_SM90_MAX_M", 512) &&
-      w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, cshift, chunks, stream))
+  // Hopper: the wgmma kernel (w4a16_sm90.cu) where it suits the shape (it decides: M = 17 or 33 to 512).
+  if (fast && w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, cshift, chunks, stream))
     return;
   if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
     if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
