@@ -508,7 +508,8 @@ def test_cuda_w4a16_default_dispatch_few_tiles():
     """run()'s own choice where N gives few 64-feature tiles (N = 4096: the 2-CTA split-K wgmma blocks where they
     fit one wave, and the gemv kernel below M = 33 where K is short) and N = 6144 (one wave of single blocks),
     ragged M included, against float64: whichever kernel a shape lands on must be right."""
-    for m, k, n in [(17, 8192, 4096), (24, 4096, 4096), (40, 4096, 4096), (100, 4096, 4096), (128, 8192, 4096), (77, 4096, 6144)]:
+    for m, k, n in [(17, 8192, 4096), (24, 4096, 4096), (40, 4096, 4096), (100, 4096, 4096), (128, 8192, 4096),
+                    (77, 4096, 6144)]:
         qweight, scales, zeros = random_w4(n, k, 128, m % 2 == 1, "cuda", scale_dtype=torch.bfloat16)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         y = ops.w4a16_linear(x, ops.pack_w4a16(qweight, scales, zeros, 128))
