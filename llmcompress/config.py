@@ -406,6 +406,14 @@ class AWQConfig:
                              "scales by least squares on the unit-norm input rows' Gram matrix (as gptq."
                              "refit_scales; min-max observer, which gives them back; g128 sym: 27.7 with it, "
                              "29.1 without)")
+    group_rounds: int = opt(0, "after the α grid, rounds of coordinate descent in which each quantization group "
+                            "of input channels takes its own α from the same grid (the Gram loss, with the other "
+                            "groups fixed; never a worse loss; 3x slower); 0: one α per Linear group, as AWQ (g128 "
+                            "sym on an H100, unperturbed / seed 1: 26.91 / 26.54; with clip_qk and normalize_tokens "
+                            "26.18 / 26.11 / 26.67 / 26.70 on seeds 0-3, mean 26.41)", ge=0)
+    clip_qk: bool = opt(False, "also clip q_proj and k_proj (AutoAWQ does not: attention logits amplify their "
+                        "error; g128 sym on an H100, unperturbed / seed 1: 26.94 / 26.22, with normalize_tokens "
+                        "26.61 / 26.21, against 26.49 / 27.46 without)")
     clip_tokens: int = opt(512, "calibration rows (evenly spaced among the search_tokens sampled) the clip search "
                            "scores each clip on (g128 sym on CPU: 4096 gave 26.61 / 26.36 unperturbed / "
                            "perturbed seed 1, against 26.70 / 26.48 with 512)", ge=16)
@@ -443,6 +451,15 @@ class AWQConfig:
                                                     "after o_proj, gate/up on the MLP output after down_proj; "
                                                     "o_proj and down_proj on their own; g128 sym on CPU: 27.0, "
                                                     "against 26.7 for linear; 2x slower)")
+    guided: bool = opt(False, "weigh every error AWQ minimises (α search, clip search, scale refit) by the "
+                       "calibration loss's gradients at the Linear's output (one backward pass first; rank-one "
+                       "Fisher: per-token a_t^γ · per-channel b_n, as GuidedQuant) instead of every token and "
+                       "output channel alike (g128 sym on an H100, unperturbed / perturbed seed 1: 26.69 / 26.73 "
+                       "with γ = 0.5, 26.52 / 26.65 with γ = 0, 27.42 / 26.94 with γ = 1, against 26.49 / 27.46 "
+                       "without)")
+    guided_tokens: float = opt(0.5, "awq.guided: exponent γ on the per-token weights, a_t^γ (1: the rank-one "
+                               "Fisher as it is, which on 20k calibration tokens puts most weight on a few dozen "
+                               "tokens in the early layers; 0: output channels only)", ge=0.0, le=1.0)
     block_tokens: int = opt(2048, "calibration tokens the block loss runs on (loss: block): sampled rows for the "
                             "MLP, whole batches spread over the length-sorted set for the attention", ge=16)
     loss_batches: int = opt(4, "calibration batches (spread over the length-sorted set) the layer loss runs on "

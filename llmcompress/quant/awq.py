@@ -61,9 +61,17 @@ def sample_rows(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], lim
     `limit` of them sampled evenly at random; keep_first always keeps each sequence's first token (the attention
     sink: a few of them in a random sample otherwise, though every later token attends to it)."""
     x = torch.cat(list(rows))
-    if not limit or x.shape[0] <= limit:
-        return x
-    first = torch.zeros(x.shape[0], dtype=torch.bool)
+    keep = sample_index(rows, masks, limit, seed, keep_first)
+    return x if keep is None else x[keep.to(x.device)]
+
+
+def sample_index(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], limit: Optional[int], seed: int = 0,
+                 keep_first: bool = True) -> Optional[torch.Tensor]:
+    """The indices (into torch.cat(rows)) sample_rows keeps, or None for all of them."""
+    total = sum(r.shape[0] for r in rows)
+    if not limit or total <= limit:
+        return None
+    first = torch.zeros(total, dtype=torch.bool)
     if keep_first:
         off = 0
         for r, m in zip(rows, masks):
@@ -74,8 +82,7 @@ def sample_rows(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], lim
     g = torch.Generator().manual_seed(seed)
     rest = torch.nonzero(~first).squeeze(1)
     rest = rest[torch.randperm(rest.numel(), generator=g)[: max(limit - int(first.sum()), 0)]]
-    keep = torch.cat([torch.nonzero(first).squeeze(1)[:limit], rest]).sort().values
-    return x[keep.to(x.device)]
+    return torch.cat([torch.nonzero(first).squeeze(1)[:limit], rest]).sort().values
 
 
 def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Callable[[torch.Tensor], torch.Tensor],
@@ -83,7 +90,8 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
                normalize_tokens: bool = False,
                score: Optional[Callable[[list[torch.Tensor]], float]] = None,
                fq_for: Optional[Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = None,
-               tie: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+               tie: Optional[torch.Tensor] = None, token_weight: Optional[torch.Tensor] = None,
+               row_weight: Optional[torch.Tensor] = None, group_rounds: int = 0) -> tuple[torch.Tensor, dict]:
     """Best per-channel scale s [K] for the Linears `weights` ([N_i, K]) reading calibration rows x [T, K].
 
     fq_weight(W) is the weight quantizer (quantize-dequantize) the model will use. duo_scaling: True (x̄^α / w̄^(1−α)),
@@ -93,11 +101,14 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
     fq_for(s), when given, is the weight quantizer to score the candidate s with (instead of fq_weight), e.g. RTN
     plus the scale refit on the inputs x / s. tie [K] (long): input channel j takes the producer channel
     tie[j]'s scale, so channels that share a producer channel get one s (x̄ and w̄ averaged over them; o_proj under
-    GQA, where each v channel feeds one o column per query head of its group). Returns s
+    GQA, where each v channel feeds one o column per query head of its group). token_weight [T] and row_weight
+    [ΣN_i] (guidance.Guidance: the end loss's a_t and b_n) weigh the loss's tokens and output rows:
+    Σ_n b_n d_n Xᵀ diag(a) X d_nᵀ (the rows of x as they are, not unit-norm). group_rounds > 0 (Gram loss, no
+    tie): after the grid, refine_groups lets each quantization group of input channels take its own α. Returns s
     and a record {"alpha": best α or None for s = 1, "duo": whether the best s was a duo one, "loss": its loss, "loss_unscaled": the loss at s = 1}."""
     x = x.float()
     x_mean = x.abs().mean(dim=0)
-    xl = unit_rows(x) if normalize_tokens else x
+    xl = unit_rows(x) if normalize_tokens and token_weight is None else x
     families = [True, False] if duo_scaling == "both" else [bool(duo_scaling)]
     w_mean = weight_mean(weights, group_size) if True in families else None
     if tie is not None:
@@ -105,7 +116,9 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
     ws = [w.detach().float() for w in weights]
     W = torch.cat(ws)
     # ‖X Wᵀ − X Ŵᵀ‖² = Σ_rows d XᵀX dᵀ (d = W − Ŵ): one K × K Gram instead of a T × N product per candidate
-    gram = (xl.t() @ xl).double() if score is None else None
+    xw = xl if token_weight is None else xl * token_weight.to(xl.device, torch.float32).unsqueeze(1)
+    gram = (xw.t() @ xl).double() if score is None else None
+    rw = None if row_weight is None else row_weight.to(W.device, torch.float64)
     numel = x.shape[0] * W.shape[0]
 
     def loss(s: torch.Tensor) -> float:
@@ -115,11 +128,13 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
             d = None if score is not None else (W - torch.cat(w_hat)).double()
         if score is not None:
             return float(score(w_hat))
-        return float(torch.mm(d, gram).mul_(d).sum() / numel)
+        per_row = torch.mm(d, gram).mul_(d).sum(1)
+        return float((per_row if rw is None else per_row * rw).sum() / numel)
 
     ones = torch.ones_like(x_mean)
     best_s, best, best_loss = ones, (None, None), loss(ones)
     unscaled = best_loss
+    cands = [ones]
     for duo in families:
         for i in range(0 if duo else 1, grid):  # x̄^0 is s = 1, already scored
             alpha = i / grid
@@ -129,10 +144,69 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
                 s = x_mean.pow(alpha)
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
+            cands.append(s)
             err = loss(s)
             if err < best_loss:
                 best_s, best, best_loss = s, (alpha, duo), err
-    return best_s, {"alpha": best[0], "duo": best[1], "loss": best_loss, "loss_unscaled": unscaled}
+    rec = {"alpha": best[0], "duo": best[1], "loss": best_loss, "loss_unscaled": unscaled}
+    if group_rounds and gram is not None and fq_for is None and tie is None:
+        with _few_threads(W.device):
+            best_s, rec["groups_changed"] = refine_groups(W, ws, best_s, cands, gram, rw, fq_weight, group_size,
+                                                          group_rounds)
+        rec["loss"] = loss(best_s)
+    return best_s, rec
+
+
+def refine_groups(W: torch.Tensor, ws: Sequence[torch.Tensor], s: torch.Tensor, cands: Sequence[torch.Tensor],
+                  gram: torch.Tensor, rw: Optional[torch.Tensor], fq_weight: Callable[[torch.Tensor], torch.Tensor],
+                  group_size: int, rounds: int) -> tuple[torch.Tensor, int]:
+    """Coordinate descent over the quantization groups of the input channels: each group g in turn takes, from the
+    candidate scale vectors `cands` (AWQ's α grid), the slice s_g that minimises the whole loss
+    Σ_n rw_n d_n G d_nᵀ with the other groups' scales fixed (d = W − Q(W·s)/s; G = gram [K, K], float64).
+
+    A group's codes depend only on its own slice of s (the group-wise quantizer is scale-equivariant per group),
+    so d changes only in g's columns, and with R = D G[:, g] − D_g G_gg (the other groups' cross terms) the loss
+    moves by Σ_n rw_n (2 d_g·R_n + d_g G_gg d_gᵀ) + const. The current slice is a candidate, so the loss never
+    rises. Returns (s, number of group changes)."""
+    n, k = W.shape
+    cuts = [0]
+    for w in ws:
+        cuts.append(cuts[-1] + w.shape[0])
+    s = s.clone()
+
+    def d_of(g0: int, g1: int, sg: torch.Tensor) -> torch.Tensor:
+        return (W[:, g0:g1] - torch.cat([fq_weight(w[:, g0:g1] * sg) / sg for w in ws])).double()
+
+    D = torch.cat([d_of(g0, min(g0 + group_size, k), s[g0:g0 + group_size]) for g0 in range(0, k, group_size)], 1)
+    weight = torch.ones(n, dtype=torch.float64, device=W.device) if rw is None else rw.to(W.device, torch.float64)
+    changed = 0
+    for _ in range(rounds):
+        moved = False
+        for g0 in range(0, k, group_size):
+            g1 = min(g0 + group_size, k)
+            Ggg = gram[g0:g1, g0:g1]
+            rest = D @ gram[:, g0:g1] - D[:, g0:g1] @ Ggg
+
+            def delta(dg: torch.Tensor) -> float:
+                return float((((2 * rest + dg @ Ggg) * dg).sum(1) * weight).sum())
+
+            best_val, best_d = delta(D[:, g0:g1]), None
+            for c in cands:
+                sg = c[g0:g1]
+                if torch.equal(sg, s[g0:g1]):
+                    continue
+                dg = d_of(g0, g1, sg)
+                val = delta(dg)
+                if val < best_val - 1e-12 * abs(best_val):  # beyond float noise
+                    best_val, best_d, best_sg = val, dg, sg
+            if best_d is not None:
+                s[g0:g1] = best_sg
+                D[:, g0:g1] = best_d
+                changed += 1
+                moved = True
+        if not moved:
+            break
+    return s, changed
 
 
 def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: dict,
@@ -275,9 +349,10 @@ def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink, refit_H=None, st
     return out
 
 
-def refit_gram(x: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """H = 2 XᵀX / n of the unit-norm rows x / ‖x‖, plus damp · mean(diag H) on its diagonal (as GPTQ's)."""
-    xn = unit_rows(x.float())
+def refit_gram(x: torch.Tensor, damp: float = 0.01, unit: bool = True) -> torch.Tensor:
+    """H = 2 XᵀX / n of the unit-norm rows x / ‖x‖ (of the rows as they are with unit=False: rows already
+    weighted, e.g. by guidance), plus damp · mean(diag H) on its diagonal (as GPTQ's)."""
+    xn = unit_rows(x.float()) if unit else x.float()
     H = 2.0 * xn.t() @ xn / xn.shape[0]
     dampen_(H, damp)
     return H
@@ -297,19 +372,20 @@ def refit_hat(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, new_observer,
     return W_hat, scale
 
 
-def refit_quantizer(x: torch.Tensor, spec: QuantSpec, new_observer, damp: float = 0.01):
+def refit_quantizer(x: torch.Tensor, spec: QuantSpec, new_observer, damp: float = 0.01, unit: bool = True):
     """fq_for for awq_search when the scale refit follows: s -> RTN + refit under the inputs x / s."""
     def for_scale(s: torch.Tensor):
-        H = refit_gram(x / s.to(x.device), damp)
+        H = refit_gram(x / s.to(x.device), damp, unit)
         return lambda w: refit_hat(w, H.to(w.device), spec, new_observer)[0]
     return for_scale
 
 
 @torch.no_grad()
 def refit_scales(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, new_observer, rounds: int = 1,
-                 damp: float = 0.01) -> torch.Tensor:
+                 damp: float = 0.01, unit: bool = True) -> torch.Tensor:
     """Keep each row's RTN codes (the observer's scales) and re-solve its group scales by least squares on
-    H = XᵀX of the unit-norm rows x / ‖x‖ (gptq.refit_row_scales; damped like GPTQ's H); `rounds` > 1 re-rounds
+    H = XᵀX of the unit-norm rows x / ‖x‖ (of x as it is with unit=False; gptq.refit_row_scales; damped like
+    GPTQ's H); `rounds` > 1 re-rounds
     W to the new scales and refits again. Returns Ŵ = s'·codes, which the min-max observer reproduces exactly
     (the extreme codes stay at the ends of the grid); a group for which it would not keeps its input weights."""
     if spec.granularity not in ("channel", "group") or spec.is_float:
@@ -317,12 +393,12 @@ def refit_scales(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, new_observer
     # On CPU this runs on one thread (gptq._few_threads, as GPTQ's column loop): it is mostly small per-group ops,
     # and with two threads each one waits for both cores, which on a shared 2-core machine made AWQ 5-10x slower.
     with _few_threads(w.device):
-        return _refit_scales(x, w, spec, new_observer, rounds, damp)
+        return _refit_scales(x, w, spec, new_observer, rounds, damp, unit)
 
 
-def _refit_scales(x, w, spec, new_observer, rounds, damp) -> torch.Tensor:
+def _refit_scales(x, w, spec, new_observer, rounds, damp, unit) -> torch.Tensor:
     W = w.detach().float()
-    W_hat, scale = refit_hat(W, refit_gram(x, damp).to(W.device), spec, new_observer, rounds)
+    W_hat, scale = refit_hat(W, refit_gram(x, damp, unit).to(W.device), spec, new_observer, rounds)
     W_out = _pin_range(W_hat, scale, spec, new_observer) if spec.symmetric else W_hat
     again = fake_quantize(W_out, *weight_qparams(W_out, spec, new_observer(spec)), spec)
     ok = (again - W_hat).abs() <= 1e-5 * W_hat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)

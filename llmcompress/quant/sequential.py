@@ -38,6 +38,7 @@ from llmcompress.config import QuantizeConfig
 from llmcompress.progress import Reporter
 
 from . import awq as awq_
+from . import guidance as guidance_
 from . import smoothquant as sq
 from .formats import FP8_MAX, QuantSpec, compute_qparams, fake_quantize, quantize
 from .gptq import Hessian, gptq_quantize
@@ -148,6 +149,9 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
     device = torch.device(device) if device is not None else home
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # awq.guided: the end loss's gradients at every Linear's output, from the float model (one backward pass)
+    guide = (guidance_.loss_gradients(model, linears, batches)
+             if method_uses_guidance(cfg) else None)
     lw = Layerwise(model, batches)
     lw.hidden = [_move(h, device) for h in lw.hidden]
     lw.kwargs = [_move(k, device) for k in lw.kwargs]
@@ -221,35 +225,51 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                 if not foldable and not cfg.awq.unscaled_groups:
                     continue  # o_proj under GQA: one v channel feeds several heads' o columns
                 ws = [mine[c].weight for c in cons]
-                x = awq_.sample_rows(inputs.rows[prod], masks, inputs.limit, keep_first=cfg.awq.keep_first_tokens)
+                keep = awq_.sample_index(inputs.rows[prod], masks, inputs.limit, keep_first=cfg.awq.keep_first_tokens)
+                x = torch.cat(inputs.rows[prod])
+                x = x if keep is None else x[keep.to(x.device)]
+                tw = rw = None  # guided: the end loss's token and output-channel weights (guidance.py)
+                if guide is not None:
+                    names = [f"{prefix}.{c}" for c in cons]
+                    tw = torch.cat(guide.token_rows(names, masks)).to(x.device)
+                    tw = tw if keep is None else tw[keep.to(tw.device)]
+                    tw = tw.clamp(min=0).pow(cfg.awq.guided_tokens)
+                    tw = tw / tw.mean().clamp(min=1e-30)
+                    rw = guide.channels(names)
+                    rw = rw / rw.mean().clamp(min=1e-30)
+                # the rows every later error is taken on: weighted by √a_t under guidance (Xᵀ diag(a) X)
+                unit = cfg.awq.normalize_tokens and tw is None
+                xw = x if tw is None else x * tw.sqrt().unsqueeze(1)
                 if foldable:
                     s, rec = awq_.awq_search(x, ws, _weight_fake_quant(spec, new_observer), cfg.awq.grid,
                                              "both" if cfg.awq.both_scalings else cfg.awq.duo_scaling,
                                              spec.group_size, cfg.awq.normalize_tokens,
                                              score=_awq_score(cfg, layer, lw, masks, ref, mine, prod, cons, x),
-                                             fq_for=awq_.refit_quantizer(x, spec, new_observer, cfg.awq.refit_damp)
+                                             fq_for=awq_.refit_quantizer(xw, spec, new_observer, cfg.awq.refit_damp,
+                                                                         unit=tw is None)
                                              if cfg.awq.refit_scales and cfg.awq.refit_in_search else
-                                             _clip_quantizer(cfg, spec, new_observer, x, cons),
-                                             tie=tie)
+                                             _clip_quantizer(cfg, spec, new_observer, xw, cons, unit),
+                                             tie=tie, token_weight=tw, row_weight=rw,
+                                             group_rounds=cfg.awq.group_rounds)
                     # under a tie, v_proj's rows take the s of the o columns they feed (function unchanged)
                     s_v = None if tie is None else torch.ones(producer.out_features, device=s.device).index_copy_(
                         0, tie.to(s.device), s)
                     sq.fold_scales(producer, [mine[c] for c in cons], s, prev_s=s_v)
                     row["awq_alpha"][prod] = rec["alpha"]
-                    x = x / s.to(x.device)  # the consumers now read X / s
+                    xw = xw / s.to(xw.device)  # the consumers now read X / s
                 # clip_refit: score the clip candidates by the least-squares group scale the refit will give them
-                refit_H = (awq_.refit_gram(x, cfg.awq.refit_damp)
+                refit_H = (awq_.refit_gram(xw, cfg.awq.refit_damp, unit=tw is None)
                            if cfg.awq.clip and cfg.awq.refit_scales and cfg.awq.clip_refit else None)
                 for c in cons:
                     w = mine[c].weight
                     if _clipped(cfg, spec, c):
-                        w.copy_(awq_.clip_search(x, w, _weight_fake_quant(spec, new_observer), spec.group_size,
-                                                 rows=cfg.awq.clip_tokens, normalize_tokens=cfg.awq.normalize_tokens,
+                        w.copy_(awq_.clip_search(xw, w, _weight_fake_quant(spec, new_observer), spec.group_size,
+                                                 rows=cfg.awq.clip_tokens, normalize_tokens=unit,
                                                  refit_H=refit_H,
                                                  step=_weight_step(spec, new_observer)).to(w.dtype))
                     if cfg.awq.refit_scales:
-                        w.copy_(awq_.refit_scales(x, w, spec, new_observer, cfg.awq.refit_rounds,
-                                                  cfg.awq.refit_damp).to(w.dtype))
+                        w.copy_(awq_.refit_scales(xw, w, spec, new_observer, cfg.awq.refit_rounds,
+                                                  cfg.awq.refit_damp, unit=tw is None).to(w.dtype))
         del inputs
 
         # 3. weights: GPTQ (stacked per group: rows are independent given H) or RTN; Ŵ goes in for the final pass
@@ -351,13 +371,16 @@ def _awq_recapture(layer, lw, masks, mine, done, consumer, spec, new_observer) -
 
 def _clipped(cfg: QuantizeConfig, spec, name: str) -> bool:
     """Whether AWQ's clip search runs on the Linear `name` (group-wise weights only; AutoAWQ leaves q/k unclipped:
-    attention logits amplify their error)."""
-    return cfg.awq.clip and spec.granularity == "group" and not name.endswith(("q_proj", "k_proj"))
+    attention logits amplify their error; awq.clip_qk clips them too)."""
+    return (cfg.awq.clip and spec.granularity == "group"
+            and (cfg.awq.clip_qk or not name.endswith(("q_proj", "k_proj"))))
 
 
-def _clip_quantizer(cfg: QuantizeConfig, spec, new_observer, x, cons):
+def _clip_quantizer(cfg: QuantizeConfig, spec, new_observer, x, cons, unit: Optional[bool] = None):
     """awq_search's fq_for for awq.clip_in_search: each candidate s scored with the clip search it will get (on
-    the inputs x / s); None where it does not apply (a group holding q/k, which are never clipped, or no clip)."""
+    the inputs x / s, unit-norm rows if `unit`, by default cfg.awq.normalize_tokens); None where it does not apply
+    (a group holding q/k, which are never clipped, or no clip)."""
+    unit = cfg.awq.normalize_tokens if unit is None else unit
     if not (cfg.awq.clip_in_search and all(_clipped(cfg, spec, c) for c in cons)):
         return None
     fq = _weight_fake_quant(spec, new_observer)
@@ -365,7 +388,7 @@ def _clip_quantizer(cfg: QuantizeConfig, spec, new_observer, x, cons):
     def for_scale(s: torch.Tensor):
         xs = x / s.to(x.device)
         return lambda w: fq(awq_.clip_search(xs, w, fq, spec.group_size, rows=cfg.awq.clip_tokens,
-                                             normalize_tokens=cfg.awq.normalize_tokens))
+                                             normalize_tokens=unit))
     return for_scale
 
 
@@ -550,6 +573,11 @@ def _gptq_group(mine, cons, H, spec, new_observer, cfg, result, prefix) -> None:
                                                                spec)
             mine[c].weight.copy_(w_hat.to(mine[c].weight.dtype))
             r0 += n
+
+
+def method_uses_guidance(cfg: QuantizeConfig) -> bool:
+    """Whether quantize_sequential needs the end loss's gradients (guidance.loss_gradients) first."""
+    return cfg.method == "awq" and cfg.awq.guided
 
 
 def needs_calibration_data(cfg: QuantizeConfig, has_stats: bool) -> bool:

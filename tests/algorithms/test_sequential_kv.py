@@ -75,6 +75,22 @@ def test_awq_sequential_inputs_searches_on_the_quantized_earlier_groups(tiny):
         assert torch.isfinite(seq(ids).logits).all()
 
 
+@pytest.mark.parametrize("extra", [["awq.guided=true"], ["awq.guided=true", "awq.guided_tokens=0"],
+                                   ["awq.group_rounds=2", "awq.clip_qk=true"]])
+def test_awq_guided_and_group_rounds_run_layer_by_layer(tiny, extra):
+    """awq.guided (a backward pass first, then weighted search / clip / refit), awq.group_rounds and
+    awq.clip_qk through quantize_model: each changes the result and stays within plain AWQ's bound against RTN."""
+    rtn, _, _ = _quantized(tiny, W4 + ["method=rtn"])
+    plain, _, _ = _quantized(tiny, W4 + ["method=awq"])
+    new, _, rows = _quantized(tiny, W4 + ["method=awq"] + extra)
+    assert len(rows) == 2 * 7
+    e_rtn, e_plain, e_new = _err(rtn, tiny), _err(plain, tiny), _err(new, tiny)
+    assert e_new <= e_rtn * 1.02, (e_rtn, e_plain, e_new)
+    assert e_new != e_plain
+    assert all(p.requires_grad for p in new.parameters())  # the guidance pass restored requires_grad
+    assert all(p.grad is None for p in new.parameters())
+
+
 def test_smoothquant_static_w8a8_scales_come_from_the_smoothed_model(tiny):
     over = ["weights.format=int8", "weights.granularity=channel", "activations.format=int8",
             "activations.dynamic=false"]
