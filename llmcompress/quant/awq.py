@@ -55,19 +55,12 @@ def gqa_tie(attn: torch.nn.Module, k: int) -> Optional[torch.Tensor]:
     return (j // hd // groups) * hd + j % hd
 
 
-def sample_rows(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], limit: Optional[int], seed: int = 0,
-                keep_first: bool = True) -> torch.Tensor:
-    """rows[b]: the [n_b, K] real-token inputs of batch b (masks[b] [B, T] picked them, row-major). Returns at most
-    `limit` of them sampled evenly at random; keep_first always keeps each sequence's first token (the attention
-    sink: a few of them in a random sample otherwise, though every later token attends to it)."""
-    x = torch.cat(list(rows))
-    keep = sample_index(rows, masks, limit, seed, keep_first)
-    return x if keep is None else x[keep.to(x.device)]
-
-
 def sample_index(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], limit: Optional[int], seed: int = 0,
                  keep_first: bool = True) -> Optional[torch.Tensor]:
-    """The indices (into torch.cat(rows)) sample_rows keeps, or None for all of them."""
+    """rows[b]: the [n_b, K] real-token inputs of batch b (masks[b] [B, T] picked them, row-major). Returns the
+    indices into torch.cat(rows) of at most `limit` of them sampled evenly at random (None: all of them);
+    keep_first always keeps each sequence's first token (the attention sink: a few of them in a random sample
+    otherwise, though every later token attends to it). take_rows applies them, to the rows or to per-row values."""
     total = sum(r.shape[0] for r in rows)
     if not limit or total <= limit:
         return None
@@ -83,6 +76,12 @@ def sample_index(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], li
     rest = torch.nonzero(~first).squeeze(1)
     rest = rest[torch.randperm(rest.numel(), generator=g)[: max(limit - int(first.sum()), 0)]]
     return torch.cat([torch.nonzero(first).squeeze(1)[:limit], rest]).sort().values
+
+
+def take_rows(rows: Sequence[torch.Tensor], keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(rows), restricted to the indices `keep` (sample_index's; None: all)."""
+    x = torch.cat(list(rows))
+    return x if keep is None else x[keep.to(x.device)]
 
 
 def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Callable[[torch.Tensor], torch.Tensor],
@@ -169,9 +168,6 @@ def refine_groups(W: torch.Tensor, ws: Sequence[torch.Tensor], s: torch.Tensor, 
     moves by Σ_n rw_n (2 d_g·R_n + d_g G_gg d_gᵀ) + const. The current slice is a candidate, so the loss never
     rises. Returns (s, number of group changes)."""
     n, k = W.shape
-    cuts = [0]
-    for w in ws:
-        cuts.append(cuts[-1] + w.shape[0])
     s = s.clone()
 
     def d_of(g0: int, g1: int, sg: torch.Tensor) -> torch.Tensor:

@@ -56,11 +56,13 @@ def loss_gradients(model: nn.Module, linears: dict[str, nn.Linear], batches: Seq
                 out.register_hook(grad)
         return fwd
 
+    guide.token = {name: [None] * len(batches) for name in linears}  # one slot per batch, filled by the hooks
     for name, lin in linears.items():
         handles.append(lin.register_forward_hook(watch(name)))
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     was = [p.requires_grad for p in params]
-    n_tokens = sum(int(_targets(b).ne(-100).sum()) for b in batches)
+    targets = [_targets(b) for b in batches]
+    n_tokens = sum(int(t.ne(-100).sum()) for t in targets)
     try:
         for p in params:
             p.requires_grad_(False)
@@ -68,13 +70,9 @@ def loss_gradients(model: nn.Module, linears: dict[str, nn.Linear], batches: Seq
         with torch.enable_grad():
             for b, batch in enumerate(batches):
                 state["b"] = b
-                for name in linears:  # one slot per batch, filled by the hooks
-                    guide.token.setdefault(name, [])
-                    while len(guide.token[name]) <= b:
-                        guide.token[name].append(None)
                 x = emb(batch["input_ids"]).detach().requires_grad_(True)
                 logits = model(inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), _targets(batch).flatten(),
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[b].flatten(),
                                                          ignore_index=-100, reduction="sum") / max(n_tokens, 1)
                 del logits
                 loss.backward()
@@ -87,7 +85,7 @@ def loss_gradients(model: nn.Module, linears: dict[str, nn.Linear], batches: Seq
         if name not in guide.channel:
             guide.channel[name] = torch.ones(lin.out_features)
         guide.token[name] = [t if t is not None else batches[b]["attention_mask"].float()
-                             for b, t in enumerate(guide.token.get(name, [None] * len(batches)))]
+                             for b, t in enumerate(guide.token[name])]
     return guide
 
 

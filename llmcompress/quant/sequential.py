@@ -151,7 +151,7 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         torch.cuda.reset_peak_memory_stats(device)
     # awq.guided: the end loss's gradients at every Linear's output, from the float model (one backward pass)
     guide = (guidance_.loss_gradients(model, linears, batches)
-             if method_uses_guidance(cfg) else None)
+             if cfg.method == "awq" and cfg.awq.guided else None)
     lw = Layerwise(model, batches)
     lw.hidden = [_move(h, device) for h in lw.hidden]
     lw.kwargs = [_move(k, device) for k in lw.kwargs]
@@ -226,13 +226,11 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                     continue  # o_proj under GQA: one v channel feeds several heads' o columns
                 ws = [mine[c].weight for c in cons]
                 keep = awq_.sample_index(inputs.rows[prod], masks, inputs.limit, keep_first=cfg.awq.keep_first_tokens)
-                x = torch.cat(inputs.rows[prod])
-                x = x if keep is None else x[keep.to(x.device)]
+                x = awq_.take_rows(inputs.rows[prod], keep)
                 tw = rw = None  # guided: the end loss's token and output-channel weights (guidance.py)
                 if guide is not None:
                     names = [f"{prefix}.{c}" for c in cons]
-                    tw = torch.cat(guide.token_rows(names, masks)).to(x.device)
-                    tw = tw if keep is None else tw[keep.to(tw.device)]
+                    tw = awq_.take_rows(guide.token_rows(names, masks), keep).to(x.device)
                     tw = tw.clamp(min=0).pow(cfg.awq.guided_tokens)
                     tw = tw / tw.mean().clamp(min=1e-30)
                     rw = guide.channels(names)
@@ -573,11 +571,6 @@ def _gptq_group(mine, cons, H, spec, new_observer, cfg, result, prefix) -> None:
                                                                spec)
             mine[c].weight.copy_(w_hat.to(mine[c].weight.dtype))
             r0 += n
-
-
-def method_uses_guidance(cfg: QuantizeConfig) -> bool:
-    """Whether quantize_sequential needs the end loss's gradients (guidance.loss_gradients) first."""
-    return cfg.method == "awq" and cfg.awq.guided
 
 
 def needs_calibration_data(cfg: QuantizeConfig, has_stats: bool) -> bool:

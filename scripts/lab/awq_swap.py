@@ -85,8 +85,9 @@ def main() -> None:
                           for n, m in select_linears(base, ["*"], ["lm_head", "*embed*"]).items()}
         else:
             runs[name] = effective_weights(base, tok, overs.split("|"), int(seed) if seed else None)
-        if runs and name != next(iter(runs)):  # the float run names every Linear; keep the first run's
-            runs[name] = {k: v for k, v in runs[name].items() if k in runs[next(iter(runs))]}
+        first_name = next(iter(runs))
+        if name != first_name:  # the float run names every Linear; keep the first run's
+            runs[name] = {k: v for k, v in runs[name].items() if k in runs[first_name]}
     model = copy.deepcopy(base)
     mods = dict(model.named_modules())
 

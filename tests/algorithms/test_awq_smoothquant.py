@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from llmcompress.quant import smoothquant as sq
-from llmcompress.quant.awq import awq_search, refit_scales, sample_rows, unit_rows, weight_mean
+from llmcompress.quant.awq import awq_search, refit_scales, sample_index, take_rows, unit_rows, weight_mean
 from llmcompress.quant.formats import QuantSpec, fake_quantize
 from llmcompress.quant.observers import make_observer, weight_qparams
 
@@ -152,12 +152,12 @@ def test_awq_refit_scales_lower_the_error_and_survive_min_max_rtn(symmetric):
         torch.testing.assert_close(q, r)
 
 
-def test_awq_sample_rows_keeps_every_sequence_start():
+def test_awq_sample_index_keeps_every_sequence_start():
     masks = [torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 0, 0, 0]])]
     rows = [torch.arange(9.0)[:, None], 100 + torch.arange(2.0)[:, None]]  # starts: rows 0, 4 and 100
-    x = sample_rows(rows, masks, 4, keep_first=True)
+    x = take_rows(rows, sample_index(rows, masks, 4, keep_first=True))
     assert x.shape == (4, 1) and {0.0, 4.0, 100.0} <= set(x[:, 0].tolist())
-    assert sample_rows(rows, masks, 20).shape == (11, 1)
+    assert take_rows(rows, sample_index(rows, masks, 20)).shape == (11, 1)
 
 
 def test_awq_gqa_tie_maps_o_columns_to_their_v_channel():
