@@ -24,6 +24,7 @@ from llmcompress.progress import Reporter
 
 from . import calibrate as calib
 from .checkpoint import WEIGHTS_FILE, save_quantized, swap_in
+from .experts import build_quant_experts, expert_modules, expert_weights, rtn_experts
 from .formats import QuantSpec
 from .kvcache import apply_kv_quant, kv_config
 from .observers import Observer, make_observer
@@ -90,9 +91,26 @@ def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> 
             if isinstance(m, nn.Linear) and match(name, include) and not match(name, exclude)}
 
 
-def check_finite(linears: dict[str, nn.Linear]) -> None:
-    bad = [f"{name} ({int((~torch.isfinite(m.weight)).sum())} values)" for name, m in linears.items()
-           if not torch.isfinite(m.weight).all()]
+def select_experts(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
+    """MoE experts modules (3-D weights, experts.py) whose every expert weight `<name>.gate_up_proj.<e>` /
+    `<name>.down_proj.<e>` is selected; one selected and another not is refused (a module is swapped whole)."""
+    match = lambda name, pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+    out = {}
+    for name, m in expert_modules(model).items():
+        picked = [match(f"{name}.{rel}", include) and not match(f"{name}.{rel}", exclude) for rel in expert_weights(m)]
+        if all(picked):
+            out[name] = m
+        elif any(picked):
+            raise UserError(f"include/exclude: select all or none of the experts of {name} (they are quantized "
+                            f"as one module)")
+    return out
+
+
+def check_finite(linears: dict[str, nn.Module]) -> None:
+    weights = {f"{name}.{rel}": w for name, m in linears.items()
+               for rel, w in ({"weight": m.weight} if isinstance(m, nn.Linear) else expert_weights(m)).items()}
+    bad = [f"{name} ({int((~torch.isfinite(w)).sum())} values)" for name, w in weights.items()
+           if not torch.isfinite(w).all()]
     if bad:
         raise UserError(f"NaN/Inf in the weights of {len(bad)} layer(s): {', '.join(bad[:10])}; nothing written")
 
@@ -143,22 +161,28 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     reporter = reporter or Reporter()
     check_config(cfg, stats is not None)
     linears = select_linears(model, cfg.include, cfg.exclude)
-    if not linears:
+    experts = select_experts(model, cfg.include, cfg.exclude)
+    if not linears and not experts:
         raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
-    check_finite(linears)
+    check_finite({**linears, **experts})
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
     static = cfg.activations.format != "none" and not cfg.activations.dynamic
+    if static and experts:
+        raise UserError(f"activations.dynamic: static activation scales are not implemented for MoE experts "
+                        f"({next(iter(experts))}); use dynamic per-token scales")
     # ---- calibration-data algorithms (GPTQ / AWQ / SmoothQuant / KV cache: sequential.py) ----
     seq = None
     if needs_calibration_data(cfg, stats is not None):
         if tokenizer is None:
             raise UserError(f"method {cfg.method!r} (or smoothquant / kv_cache / static scales without a "
                             f"calibration artifact) needs calibration data: pass the tokenizer")
-        seq = run_on_calibration_data(model, tokenizer, linears, spec, observer_factory(cfg.weights), cfg, reporter)
-        qweights = seq.qweights
+        seq = run_on_calibration_data(model, tokenizer, linears, spec, observer_factory(cfg.weights), cfg, reporter,
+                                      experts=experts)
+        qweights, expert_qweights = seq.qweights, seq.expert_qweights
     else:
         qweights = METHODS[cfg.method](model, linears, spec, observer_factory(cfg.weights), reporter)
+        expert_qweights = {name: rtn_experts(m, spec, observer_factory(cfg.weights)) for name, m in experts.items()}
     if static:  # scales seen by the sequential pass are those of the (smoothed, quantized) model actually run
         input_scales = seq.input_scales if seq is not None else static_input_scales(cfg, list(linears), stats)
     else:
@@ -176,6 +200,21 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         rows.append({"layer": name, "scheme": scheme.name, **error_stats(lin.weight, w_hat),
                      "bf16_bytes": lin.weight.numel() * 2, "stored_bytes": stored})
         swap_in(model, name, q.to(lin.weight.device))
+    for name, m in experts.items():
+        floats = expert_weights(m)
+        fallback = set(seq.expert_fallback.get(name, ())) if seq is not None else set()
+        q = build_quant_experts(m, expert_qweights[name], lambda rel, k: scheme_for(cfg, spec, k))
+        for rel, w in floats.items():
+            lin = q.get_submodule(rel)
+            algo = cfg.method if seq is not None and cfg.method == "gptq" and rel not in fallback else "rtn"
+            rows.append({"layer": f"{name}.{rel}", "scheme": lin.scheme.name, "method": algo,
+                         **({"note": "no calibration token routed to this expert"} if rel in fallback else {}),
+                         **error_stats(w, lin.dequantized_weight()), "bf16_bytes": w.numel() * 2,
+                         "stored_bytes": sum(b.numel() * b.element_size() for b in lin.buffers())})
+        if fallback:
+            reporter.info(f"{name}: {len(fallback)} expert weight(s) got no routed calibration token and were "
+                          f"quantized with RTN: {', '.join(sorted(fallback))}")
+        swap_in(model, name, q)
     if seq is not None and seq.kv_scales:
         apply_kv_quant(model, cfg.kv_cache.format, cfg.kv_cache.granularity, seq.kv_scales)
     return rows

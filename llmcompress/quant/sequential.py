@@ -41,6 +41,7 @@ from . import awq as awq_
 from . import guidance as guidance_
 from . import smoothquant as sq
 from .formats import FP8_MAX, QuantSpec, compute_qparams, fake_quantize, quantize
+from .experts import expert_weights, gptq_experts, rtn_experts
 from .gptq import Hessian, gptq_quantize
 from .kvcache import KVObserver
 from .layerwise import Layerwise
@@ -72,6 +73,8 @@ class SequentialResult:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static per-tensor activation scales
     kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    expert_qweights: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)  # experts.py
+    expert_fallback: dict[str, list[str]] = field(default_factory=dict)  # expert weights RTN'd: no routed token
     layers: list[dict] = field(default_factory=list)  # per decoder layer: error, seconds, smoothing/awq choices
     seconds: float = 0.0
     peak_device_bytes: Optional[int] = None
@@ -138,8 +141,8 @@ class _Inputs:
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                         new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig, batches: list[dict],
-                        reporter: Optional[Reporter] = None, device: Optional[torch.device] = None
-                        ) -> SequentialResult:
+                        reporter: Optional[Reporter] = None, device: Optional[torch.device] = None,
+                        experts: Optional[dict[str, nn.Module]] = None) -> SequentialResult:
     """Run cfg.method (rtn / gptq / awq), cfg.smoothquant and the static activation / KV scales over the decoder
     layers of `model`. Changes the float model in place only by the (function-preserving) smoothing scales;
     the returned QuantizedWeights are what QuantLinear should hold."""
@@ -290,6 +293,22 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                 result.qweights[f"{prefix}.{rel}"] = qw
                 lin.weight.copy_(qw.dequantize(lin.weight.dtype))
 
+        # 3b. MoE experts (experts.py): GPTQ on each expert's routed tokens, after the attention is quantized;
+        # RTN under rtn / awq (AWQ's scales are not searched for experts) and for experts no token reached
+        mine_experts = {n[len(prefix) + 1:]: m for n, m in (experts or {}).items() if n.startswith(prefix + ".")}
+        expert_floats = {rel: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone())
+                         for rel, m in mine_experts.items()}
+        for rel, m in mine_experts.items():
+            if method == "gptq" or (method == "awq" and cfg.awq.gptq):
+                qws, fallback = gptq_experts(m, lambda: _run_until_stop(layer, lw), lw.token_mask, spec,
+                                             new_observer, cfg.gptq)
+                result.expert_fallback[f"{prefix}.{rel}"] = fallback
+            else:
+                qws = rtn_experts(m, spec, new_observer)
+                for name, w in expert_weights(m).items():
+                    w.copy_(qws[name].dequantize(w.dtype))
+            result.expert_qweights[f"{prefix}.{rel}"] = {n: q.to(home) for n, q in qws.items()}
+
         # 4. quantized pass: next layer's inputs; static activation and KV scales observed on them
         act_obs = {rel: make_observer(cfg.activations.observer, _act_spec(cfg),
                                       **({"percentile": cfg.activations.percentile}
@@ -326,6 +345,9 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         # 5. float weights back (the checkpoint gets the codes; the error table compares against these), offload
         for rel, lin in mine.items():
             lin.weight.copy_(floats[rel])
+        for rel, (gu, dn) in expert_floats.items():
+            mine_experts[rel].gate_up_proj.copy_(gu)
+            mine_experts[rel].down_proj.copy_(dn)
         lw.layers[i].to(home)
         # the layer's codes and scales leave the device with it: kept there, they would add up to the whole
         # quantized model, where onloading promises one layer
@@ -583,7 +605,8 @@ def needs_calibration_data(cfg: QuantizeConfig, has_stats: bool) -> bool:
 
 def run_on_calibration_data(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], spec: QuantSpec,
                             new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig,
-                            reporter: Optional[Reporter] = None, device=None) -> SequentialResult:
+                            reporter: Optional[Reporter] = None, device=None,
+                            experts: Optional[dict[str, nn.Module]] = None) -> SequentialResult:
     """Tokenize cfg.data (sorted by length so batches carry little padding) and run `quantize_sequential`."""
     from llmcompress.data import sample_texts
 
@@ -595,4 +618,4 @@ def run_on_calibration_data(model: nn.Module, tokenizer, linears: dict[str, nn.L
     max_padding = GPTQ_MAX_PADDING if cfg.method == "gptq" else None
     batches = make_batches(tokenizer, texts, cfg.data.max_length, cfg.batch_size, next(model.parameters()).device,
                            max_padding=max_padding)
-    return quantize_sequential(model, linears, spec, new_observer, cfg, batches, reporter, device)
+    return quantize_sequential(model, linears, spec, new_observer, cfg, batches, reporter, device, experts)
