@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_models import FAMILIES, MOE, build
+from arch_models import FAMILIES, MOE
 
 from llmcompress.config import (ActivationQuantConfig, AWQConfig, CalibrateConfig, DataConfig, KVCacheQuantConfig,
                                 ModelConfig, QuantizeConfig, SmoothQuantConfig, WeightQuantConfig)
@@ -46,29 +46,6 @@ METHODS = {
     "static": dict(method="rtn", weights=W8, activations=A8_STATIC),  # scales from `llmc calibrate`'s artifact
 }
 PROMPTS = ["The capital of France is", "Write a short poem about the sea and"]
-
-
-@pytest.fixture(scope="session")
-def arch_tokenizer():
-    from llmcompress.models import embedded_model_dir, load_tokenizer
-
-    return load_tokenizer(embedded_model_dir())
-
-
-@pytest.fixture(scope="session")
-def arch_model(tmp_path_factory, arch_tokenizer):
-    """family -> (the saved tiny model's directory, the float model loaded from it): built once per session;
-    tests deep-copy the model (loading a tokenizer costs seconds, so the session's one is shared)."""
-    from transformers import AutoModelForCausalLM
-
-    root, built = tmp_path_factory.mktemp("arch"), {}
-
-    def get(family: str):
-        if family not in built:
-            path = build(family, root, arch_tokenizer)
-            built[family] = path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return built[family]
-    return get
 
 
 def _logits(model, tok) -> torch.Tensor:
