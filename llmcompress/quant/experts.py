@@ -130,9 +130,17 @@ def build_quant_experts(m: nn.Module, qweights: dict[str, QuantizedWeight],
 def restore_experts(model: nn.Module, entries: dict[str, dict]) -> None:
     """Swap the float experts named in a checkpoint's quantization_config["experts"] for empty QuantExperts
     (their QuantLinears are then rebuilt from quantization_config["modules"] like any other)."""
+    from llmcompress.errors import UserError
+
     from .checkpoint import swap_in
 
     for name, entry in entries.items():
+        try:
+            found = model.get_submodule(name)
+        except AttributeError:
+            found = None
+        if found is None or not is_experts(found):
+            raise UserError(f"quantization_config.experts: {name!r} is not an experts module of this model")
         swap_in(model, name, QuantExperts(int(entry["num_experts"]), int(entry["hidden_dim"]),
                                           int(entry["intermediate_dim"]), str(entry["act"])))
 

@@ -204,13 +204,19 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         floats = expert_weights(m)
         fallback = set(seq.expert_fallback.get(name, ())) if seq is not None else set()
         q = build_quant_experts(m, expert_qweights[name], lambda rel, k: scheme_for(cfg, spec, k))
+        expert_gptq = seq is not None and (cfg.method == "gptq" or (cfg.method == "awq" and cfg.awq.gptq))
         for rel, w in floats.items():
             lin = q.get_submodule(rel)
-            algo = cfg.method if seq is not None and cfg.method == "gptq" and rel not in fallback else "rtn"
+            if not torch.isfinite(lin.dequantized_weight()).all():
+                raise UserError(f"{name}.{rel}: quantization produced NaN/Inf (scale underflow?); nothing written")
+            algo = "gptq" if expert_gptq and rel not in fallback else "rtn"
             rows.append({"layer": f"{name}.{rel}", "scheme": lin.scheme.name, "method": algo,
                          **({"note": "no calibration token routed to this expert"} if rel in fallback else {}),
                          **error_stats(w, lin.dequantized_weight()), "bf16_bytes": w.numel() * 2,
                          "stored_bytes": sum(b.numel() * b.element_size() for b in lin.buffers())})
+        if cfg.method == "awq" or cfg.smoothquant.enabled:
+            reporter.info(f"{name}: experts quantized with {'GPTQ' if expert_gptq else 'RTN'}, without AWQ / "
+                          f"SmoothQuant scales (those are searched for Linears only)")
         if fallback:
             reporter.info(f"{name}: {len(fallback)} expert weight(s) got no routed calibration token and were "
                           f"quantized with RTN: {', '.join(sorted(fallback))}")
