@@ -62,11 +62,14 @@ def _generate(model, tok) -> list[int]:
 
 
 def expected_quantized(model: nn.Module) -> set[str]:
-    """Every Linear but lm_head, and each expert's two weights (3-D MoE parameters), by name."""
-    from llmcompress.quant.experts import expert_modules, expert_weights
-
+    """Every Linear but lm_head, and each expert's two weights (MoE experts stored as 3-D parameters
+    `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]: `<experts>.gate_up_proj.<e>`), by name."""
     names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
-    names |= {f"{n}.{rel}" for n, m in expert_modules(model).items() for rel in expert_weights(m)}
+    for n, m in model.named_modules():
+        for kind in ("gate_up_proj", "down_proj"):
+            p = getattr(m, kind, None)
+            if isinstance(p, nn.Parameter) and p.dim() == 3:
+                names |= {f"{n}.{kind}.{e}" for e in range(p.shape[0])}
     return names
 
 
