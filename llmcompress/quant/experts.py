@@ -25,11 +25,12 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .formats import QuantSpec, quantize
-from .gptq import Hessian, gptq_quantize
+from .algorithms.gptq import Hessian, gptq_quantize
+from .formats import QuantizedWeight, QuantSpec, quantize
+from .layerwise import run_until_stop
 from .observers import Observer
 from .qlinear import QuantLinear, Scheme
-from .rtn import QuantizedWeight, quantize_weight
+from .rtn import quantize_weight
 
 KINDS = ("gate_up_proj", "down_proj")  # in the order a token meets them (GPTQ quantizes them in this order)
 
@@ -213,3 +214,19 @@ def gptq_experts(m: nn.Module, run_layer: Callable[[], None], token_mask: Callab
             qweights[rel] = qw
             w3[e].copy_(qw.dequantize(w3.dtype))
     return qweights, fallback
+
+
+def quantize_layer_experts(m: nn.Module, layer, spec: QuantSpec, new_observer: Callable[[QuantSpec], Observer],
+                           gptq_cfg=None) -> tuple[dict[str, QuantizedWeight], list[str]]:
+    """The layer loop's step for the experts module `m` of decoder layer `layer` (algorithms.base.Layer), after
+    its Linears are quantized: GPTQ on each expert's routed tokens if gptq_cfg is given, else RTN. Leaves Ŵ in
+    m's parameters for the quantized pass. Returns the QuantizedWeights and the weights that fell back to RTN."""
+    if gptq_cfg is not None:
+        lw = layer.runner
+        return gptq_experts(m, lambda: run_until_stop(layer.module, lw), lw.token_mask, spec, new_observer,
+                            gptq_cfg)
+    qws = rtn_experts(m, spec, new_observer)
+    with torch.no_grad():
+        for rel, w in expert_weights(m).items():
+            w.copy_(qws[rel].dequantize(w.dtype))
+    return qws, []

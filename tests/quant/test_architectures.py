@@ -45,6 +45,11 @@ METHODS = {
                kv_cache=KVCacheQuantConfig(format="int8", granularity="head")),
     "static": dict(method="rtn", weights=W8, activations=A8_STATIC),  # scales from `llmc calibrate`'s artifact
 }
+# cells refused before any work, with a one-line reason (asserted: a refusal that stops happening fails the test)
+REFUSED = {
+    **{(f, "static"): "static activation scales are not implemented for MoE experts" for f in MOE},
+    ("phi3", "kv"): "keys and values in one fused projection",
+}
 PROMPTS = ["The capital of France is", "Write a short poem about the sea and"]
 
 
@@ -150,9 +155,11 @@ def test_quantize_load_generate(family, method, arch_model, arch_tokenizer, tmp_
     cfg = QuantizeConfig(data=DATA, batch_size=2, **METHODS[method])
     stats = _calibration_artifact(model, tok, tmp_path / "calib", monkeypatch) if method == "static" else None
     expected = expected_quantized(model)
-    if method == "static" and family in MOE:  # refused, before any work, with the module named
-        with pytest.raises(UserError, match="static activation scales are not implemented for MoE experts"):
+    if (family, method) in REFUSED:
+        before = {n: p.clone() for n, p in model.state_dict().items()}
+        with pytest.raises(UserError, match=REFUSED[family, method]):
             quantize_model(model, cfg, stats, tokenizer=tok)
+        assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items()), "changed the model first"
         return
     rows = quantize_model(model, cfg, stats, tokenizer=tok)
 

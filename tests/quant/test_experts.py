@@ -66,7 +66,7 @@ def test_gptq_experts_each_on_its_own_routed_hessian_and_rtn_without_tokens():
     down: act(gate) * up from the already quantized gate_up); expert 3, which no token reaches, gets RTN."""
     from llmcompress.quant.experts import gptq_experts, rtn_experts
     from llmcompress.quant.formats import QuantSpec, quantize
-    from llmcompress.quant.gptq import Hessian, gptq_quantize
+    from llmcompress.quant.algorithms.gptq import Hessian, gptq_quantize
     from llmcompress.quant.observers import make_observer
 
     m = _mixtral_experts()
