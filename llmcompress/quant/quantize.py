@@ -80,8 +80,8 @@ def select_experts(model: nn.Module, include: list[str], exclude: list[str]) -> 
 
 
 def check_finite(linears: dict[str, nn.Module]) -> None:
-    weights = {f"{name}.{rel}": w for name, m in linears.items()
-               for rel, w in ({"weight": m.weight} if isinstance(m, nn.Linear) else expert_weights(m)).items()}
+    weights = {name if rel is None else f"{name}.{rel}": w for name, m in linears.items()
+               for rel, w in ({None: m.weight} if isinstance(m, nn.Linear) else expert_weights(m)).items()}
     bad = [f"{name} ({int((~torch.isfinite(w)).sum())} values)" for name, w in weights.items()
            if not torch.isfinite(w).all()]
     if bad:
