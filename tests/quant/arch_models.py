@@ -3,7 +3,7 @@ as local directories with the embedded default's tokenizer (its vocabulary sizes
 
 `build(family, root)` -> the model directory; FAMILIES names them. Dimensions are the smallest that keep each
 family's distinctive structure: grouped-query attention (4 query heads, 2 KV heads), head_dim 16, two decoder
-layers, MoE with 4 experts and top-2 routing; hidden 64 so int4 groups of 32 split every row in two.
+layers, MoE with 4 experts and top-2 routing (Qwen3-MoE's second layer dense, as `mlp_only_layers` makes it); hidden 64 so int4 groups of 32 split every row in two.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def _configs(vocab: int, bos: int, eos: int, pad: int) -> dict:
                                             num_local_experts=EXPERTS, num_experts_per_tok=TOP_K),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**c, head_dim=HEAD_DIM, num_experts=EXPERTS,
                                                num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTER,
-                                               norm_topk_prob=True, decoder_sparse_step=1),
+                                               norm_topk_prob=True, decoder_sparse_step=1,
+                                               mlp_only_layers=[1]),  # layer 1: a dense MLP of Linears
     }
 
 
