@@ -19,7 +19,7 @@ weights a QuantLinear (W4A16 / W8A8 / ... through llmcompress.kernels.ops), stor
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -174,6 +174,67 @@ def routed_inputs(m: nn.Module, on_rows: Callable[[str, int, torch.Tensor, torch
         yield
     finally:
         del m.forward
+
+
+@contextmanager
+def watching_inputs(experts: dict[str, nn.Module], update: Callable[[str, torch.Tensor], None],
+                    token_mask: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """While inside, the real-token input rows of every expert weight go to update("<experts>.<kind>.<e>", rows)
+    (static activation scales: `llmc calibrate`'s statistics, the layer loop's observers)."""
+    with ExitStack() as stack:
+        for name, m in experts.items():
+            def on_rows(kind, e, rows, tok, name=name):
+                real = token_mask().reshape(-1).to(tok.device)[tok]
+                if bool(real.any()):
+                    update(f"{name}.{kind}.{e}", rows[real])
+            stack.enter_context(routed_inputs(m, on_rows))
+        yield
+
+
+@contextmanager
+def observing_static_scales(experts: dict[str, nn.Module], activations, token_mask: Callable[[], torch.Tensor],
+                            out: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The layer loop's static activation scales for experts: while inside, each expert weight's routed real-token
+    inputs feed an observer (activations.observer); on exit out["<experts>.<kind>.<e>"] = T / 127 (int8) or
+    T / 448 (fp8), as algorithms/activations.py does for Linears."""
+    from .formats import FP8_MAX
+    from .observers import make_observer
+    from .qlinear import INT8_ACT_MAX
+
+    spec = QuantSpec("int8" if activations.format == "int8" else "fp8_e4m3", True, "tensor")
+    kwargs = {"percentile": activations.percentile} if activations.observer == "percentile" else {}
+    obs: dict[str, Observer] = {}
+
+    def update(key, rows):
+        obs.setdefault(key, make_observer(activations.observer, spec, **kwargs)).update(rows.reshape(1, -1))
+
+    with watching_inputs(experts, update, token_mask):
+        yield
+    qmax = INT8_ACT_MAX if activations.format == "int8" else FP8_MAX
+    for key, o in obs.items():
+        lo, hi = o.range()
+        t = torch.maximum(lo.abs(), hi.abs()).max()
+        out[key] = torch.where(t > 0, t / qmax, torch.ones_like(t)).float().cpu()
+
+
+def fill_missing_scales(scales: dict[str, torch.Tensor], experts: dict[str, nn.Module]) -> list[str]:
+    """Give each expert weight that saw no calibration input (no token routed to it) the largest static input scale
+    of the same kind in its module; returns those names. Refuses a module none of whose experts saw any."""
+    from llmcompress.errors import UserError
+
+    filled = []
+    for name, m in experts.items():
+        for kind in KINDS:
+            keys = [f"{name}.{kind}.{e}" for e in range(getattr(m, kind).shape[0])]
+            seen = [scales[k] for k in keys if k in scales]
+            if not seen:
+                raise UserError(f"{name}: no calibration token reached any expert's {kind}; static activation "
+                                f"scales need some (more calibration data, or dynamic scales)")
+            for k in keys:
+                if k not in scales:
+                    scales[k] = torch.stack([s.reshape(()) for s in seen]).max()
+                    filled.append(k)
+    return filled
 
 
 @torch.no_grad()

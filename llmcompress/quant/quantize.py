@@ -24,7 +24,7 @@ from llmcompress.progress import Reporter
 
 from . import calibrate as calib
 from .checkpoint import WEIGHTS_FILE, save_quantized, swap_in
-from .experts import build_quant_experts, expert_modules, expert_weights, rtn_experts
+from .experts import build_quant_experts, expert_modules, expert_weights, fill_missing_scales, rtn_experts
 from .formats import QuantSpec
 from .kvcache import apply_kv_quant, kv_config
 from .observers import Observer, make_observer
@@ -127,9 +127,6 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
     new_observer = observer_factory(cfg.weights)
-    if cfg.activations.static and experts:
-        raise UserError(f"activations.dynamic: static activation scales are not implemented for MoE experts "
-                        f"({next(iter(experts))}); use dynamic per-token scales")
     seq = None
     if needs_calibration_data(cfg, stats is not None):
         if tokenizer is None:
@@ -144,8 +141,18 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         expert_qweights = {name: rtn_experts(m, spec, new_observer) for name, m in experts.items()}
     if cfg.activations.static:  # scales seen by the layer loop are those of the (smoothed, quantized) model run
         input_scales = seq.input_scales if seq is not None else static_input_scales(cfg, list(linears), stats)
+        # experts: one scale per expert weight, from the tokens routed to it (experts.py); an expert no token
+        # reached takes the largest of its module's
+        if seq is not None:
+            expert_scales = dict(seq.expert_input_scales)
+        else:
+            observed = [f"{n}.{rel}" for n, m in experts.items() for rel in expert_weights(m)
+                        if stats.activation(f"{n}.{rel}", "input") is not None]
+            expert_scales = static_input_scales(cfg, observed, stats)
+        scale_filled = set(fill_missing_scales(expert_scales, experts))
+        input_scales = {**input_scales, **expert_scales}
     else:
-        input_scales = {}
+        input_scales, scale_filled = {}, set()
     rows = []
     for name, lin in linears.items():
         qw = qweights[name]
@@ -161,20 +168,28 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     for name, m in experts.items():
         floats = expert_weights(m)
         fallback = set(seq.expert_fallback.get(name, ())) if seq is not None else set()
-        q = build_quant_experts(m, expert_qweights[name], lambda rel, k: scheme_for(cfg, spec, k))
+        scales = {rel: input_scales[f"{name}.{rel}"] for rel in floats if f"{name}.{rel}" in input_scales}
+        q = build_quant_experts(m, expert_qweights[name], lambda rel, k: scheme_for(cfg, spec, k), scales)
         expert_gptq = seq is not None and (cfg.method == "gptq" or (cfg.method == "awq" and cfg.awq.gptq))
         for rel, w in floats.items():
             lin = q.get_submodule(rel)
             if not torch.isfinite(lin.dequantized_weight()).all():
                 raise UserError(f"{name}.{rel}: quantization produced NaN/Inf (scale underflow?); nothing written")
             algo = "gptq" if expert_gptq and rel not in fallback else "rtn"
+            note = [*(["no calibration token routed to this expert"] if rel in fallback else []),
+                    *(["static input scale: the largest of its module's (no routed token)"]
+                      if f"{name}.{rel}" in scale_filled else [])]
             rows.append({"layer": f"{name}.{rel}", "scheme": lin.scheme.name, "method": algo,
-                         **({"note": "no calibration token routed to this expert"} if rel in fallback else {}),
+                         **({"note": "; ".join(note)} if note else {}),
                          **error_stats(w, lin.dequantized_weight()), "bf16_bytes": w.numel() * 2,
                          "stored_bytes": sum(b.numel() * b.element_size() for b in lin.buffers())})
         if cfg.method == "awq" or cfg.smoothquant.enabled:
             reporter.info(f"{name}: experts quantized with {'GPTQ' if expert_gptq else 'RTN'}, without AWQ / "
                           f"SmoothQuant scales (those are searched for Linears only)")
+        filled = sorted(rel for rel in floats if f"{name}.{rel}" in scale_filled)
+        if filled:
+            reporter.info(f"{name}: {len(filled)} expert weight(s) saw no calibration input; their static input "
+                          f"scale is the largest of the module's: {', '.join(filled)}")
         if fallback:
             reporter.info(f"{name}: {len(fallback)} expert weight(s) got no routed calibration token and were "
                           f"quantized with RTN: {', '.join(sorted(fallback))}")

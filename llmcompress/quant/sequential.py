@@ -32,7 +32,7 @@ from llmcompress.progress import Reporter
 from .algorithms import METHODS, Layer
 from .algorithms.gptq import GPTQ
 from .architectures import architecture, check_outside, place
-from .experts import quantize_layer_experts
+from .experts import observing_static_scales, quantize_layer_experts
 from .formats import QuantizedWeight, QuantSpec
 from .layerwise import Layerwise, real_rows
 from .observers import Observer
@@ -50,6 +50,7 @@ class SequentialResult:
     kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     expert_qweights: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)  # experts.py
     expert_fallback: dict[str, list[str]] = field(default_factory=dict)  # expert weights RTN'd: no routed token
+    expert_input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static, per expert weight
     layers: list[dict] = field(default_factory=list)  # per decoder layer: error, seconds, smoothing/awq choices
     seconds: float = 0.0
     peak_device_bytes: Optional[int] = None
@@ -75,8 +76,9 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
                         new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig, batches: list[dict],
                         reporter: Optional[Reporter] = None, device: Optional[torch.device] = None,
                         experts: Optional[dict[str, nn.Module]] = None) -> SequentialResult:
-    """Run the planned methods over the decoder layers of `model` (and quantize the MoE `experts`, experts.py). Changes the float model in place only by
-    function-preserving transforms (smoothing scales); the returned QuantizedWeights are what QuantLinear holds."""
+    """Run the planned methods over the decoder layers of `model`, and quantize its MoE `experts` (experts.py).
+    Changes the float model in place only by function-preserving transforms (smoothing scales); the returned
+    QuantizedWeights are what QuantLinear holds."""
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     home = next(model.parameters()).device
@@ -132,6 +134,10 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         with ExitStack() as stack:
             for a in observers:
                 stack.enter_context(a.watch(layer))
+            if moe and cfg.activations.static:
+                stack.enter_context(observing_static_scales({f"{prefix}.{rel}": m for rel, m in moe.items()},
+                                                            cfg.activations, lw.token_mask,
+                                                            result.expert_input_scales))
             try:
                 for b in range(len(lw.batches)):
                     lw.current = b

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_models import FAMILIES, MOE
+from arch_models import EXPERTS, FAMILIES, TOP_K
 
 from llmcompress.config import (ActivationQuantConfig, AWQConfig, CalibrateConfig, DataConfig, KVCacheQuantConfig,
                                 ModelConfig, QuantizeConfig, SmoothQuantConfig, WeightQuantConfig)
@@ -44,12 +44,10 @@ METHODS = {
     "kv": dict(method="rtn", weights=W8, activations=A16,
                kv_cache=KVCacheQuantConfig(format="int8", granularity="head")),
     "static": dict(method="rtn", weights=W8, activations=A8_STATIC),  # scales from `llmc calibrate`'s artifact
+    "static_loop": dict(method="gptq", weights=W8, activations=A8_STATIC),  # scales observed in the layer loop
 }
 # cells refused before any work, with a one-line reason (asserted: a refusal that stops happening fails the test)
-REFUSED = {
-    **{(f, "static"): "static activation scales are not implemented for MoE experts" for f in MOE},
-    ("phi3", "kv"): "keys and values in one fused projection",
-}
+REFUSED = {("phi3", "kv"): "keys and values in one fused projection"}
 PROMPTS = ["The capital of France is", "Write a short poem about the sea and"]
 
 
@@ -125,9 +123,11 @@ def fake_quant_reference(qmodel: nn.Module, float_model: nn.Module) -> nn.Module
 
             fm = ref.get_submodule(name)
             gu, dn = fm.gate_up_proj, fm.down_proj
-            fm.forward = lambda x, idx, w, gu=gu, dn=dn, fm=fm: routed_forward(
-                x, idx, w, gu.shape[0], lambda e, h: F.linear(_act_fake_quant(h, None), gu[e]),
-                lambda e, h: F.linear(_act_fake_quant(h, None), dn[e]), fm.act_fn)
+            s_gu = [lin.input_scale for lin in m.gate_up_proj]  # None: per token
+            s_dn = [lin.input_scale for lin in m.down_proj]
+            fm.forward = lambda x, idx, w, gu=gu, dn=dn, fm=fm, s_gu=s_gu, s_dn=s_dn: routed_forward(
+                x, idx, w, gu.shape[0], lambda e, h: F.linear(_act_fake_quant(h, s_gu[e]), gu[e]),
+                lambda e, h: F.linear(_act_fake_quant(h, s_dn[e]), dn[e]), fm.act_fn)
     restore_kv_quant(ref, kv_config(qmodel))
     return ref
 
@@ -162,6 +162,10 @@ def test_quantize_load_generate(family, method, arch_model, arch_tokenizer, tmp_
             quantize_model(model, cfg, stats, tokenizer=tok)
         assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items()), "changed the model first"
         return
+    if stats is not None:  # `llmc calibrate` saw each calibration token at top_k experts of every MoE layer
+        for name in {n.rsplit(".", 2)[0] for n in expected if ".experts." in n}:
+            counts = [stats.activation(f"{name}.gate_up_proj.{e}", "input") for e in range(EXPERTS)]
+            assert sum(c.count for c in counts if c is not None) == TOP_K * stats.summary["tokens"]
     rows = quantize_model(model, cfg, stats, tokenizer=tok)
 
     names = [r["layer"] for r in rows]

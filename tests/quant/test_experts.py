@@ -180,3 +180,34 @@ def test_expert_without_calibration_tokens_is_reported(tmp_path, arch_tokenizer)
     loaded = load_quantized(tmp_path)
     enc = tok(["Hello there"], return_tensors="pt")
     torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits, rtol=0, atol=0)
+
+
+def test_static_scales_per_expert_from_its_routed_tokens_and_filled_where_none_came():
+    """observing_static_scales: each expert weight's scale is max |its routed real inputs| / 127 (min-max
+    observer); expert 2, never routed, has none until fill_missing_scales gives it the module's largest."""
+    from llmcompress.config import ActivationQuantConfig
+    from llmcompress.errors import UserError
+    from llmcompress.quant.experts import fill_missing_scales, observing_static_scales
+
+    m = _mixtral_experts()
+    x = torch.randn(2, 15, HIDDEN, generator=torch.Generator().manual_seed(5))
+    idx, w = _routing(30, never=2)
+    mask = torch.ones(2, 15, dtype=torch.bool)
+    mask[0, 10:] = False
+    x[0, 10:] = 1e3  # padding rows: must not reach any scale
+    scales = {}
+    with observing_static_scales({"moe": m}, ActivationQuantConfig(format="int8", dynamic=False), lambda: mask,
+                                 scales):
+        m(x.reshape(-1, HIDDEN), idx, w)
+    flat, real = x.reshape(-1, HIDDEN), mask.reshape(-1)
+    for e in (0, 1, 3):
+        tok = (idx == e).any(-1) & real
+        torch.testing.assert_close(scales[f"moe.gate_up_proj.{e}"], flat[tok].abs().max() / 127.0)
+        gate, up = (flat[tok] @ m.gate_up_proj[e].T).chunk(2, -1)
+        torch.testing.assert_close(scales[f"moe.down_proj.{e}"], (m.act_fn(gate) * up).abs().max() / 127.0)
+    assert "moe.gate_up_proj.2" not in scales and "moe.down_proj.2" not in scales
+    assert sorted(fill_missing_scales(scales, {"moe": m})) == ["moe.down_proj.2", "moe.gate_up_proj.2"]
+    for kind in ("gate_up_proj", "down_proj"):
+        assert scales[f"moe.{kind}.2"] == max(scales[f"moe.{kind}.{e}"] for e in (0, 1, 3))
+    with pytest.raises(UserError, match="no calibration token reached any expert's gate_up_proj"):
+        fill_missing_scales({}, {"moe": m})
