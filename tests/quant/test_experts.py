@@ -1,7 +1,7 @@
 """MoE experts stored as 3-D parameters (quant/experts.py): each expert's calibration rows are exactly the tokens
 routed to it, GPTQ runs on each expert's own Hessian, an expert no token reaches falls back to RTN and is
 reported, and QuantExperts computes what transformers' experts module computes (the end-to-end check, against
-transformers' own forward, is tests/quant/test_architectures.py)."""
+transformers' own forward, is tests/quant/test_families.py)."""
 
 from __future__ import annotations
 
