@@ -35,6 +35,8 @@ def _configs(vocab: int, bos: int, eos: int, pad: int) -> dict:
                                               query_pre_attn_scalar=16),
         "phi3": lambda: tf.Phi3Config(**c),  # fused qkv_proj and gate_up_proj
         "olmo2": lambda: tf.Olmo2Config(**c),  # post-norms, q/k norms over all heads
+        # no architecture entry: the generic per-Linear path (LayerNorm with bias; MLP c_fc / c_proj)
+        "starcoder2": lambda: tf.Starcoder2Config(**c),
         "mixtral": lambda: tf.MixtralConfig(**{**c, "intermediate_size": EXPERT_INTER}, head_dim=HEAD_DIM,
                                             num_local_experts=EXPERTS, num_experts_per_tok=TOP_K),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**c, head_dim=HEAD_DIM, num_experts=EXPERTS,
@@ -44,7 +46,8 @@ def _configs(vocab: int, bos: int, eos: int, pad: int) -> dict:
     }
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe",
+            "starcoder2")
 MOE = ("mixtral", "qwen3_moe")
 
 
