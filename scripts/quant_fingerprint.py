@@ -4,10 +4,12 @@ input scales), the recorded KV scales and the quantized model's logits on a fixe
 next-token NLL of that text. Run it at two commits and compare the lines (one torch thread: deterministic).
 
     python scripts/quant_fingerprint.py [name ...]
+    FP_LAYERS=30 python scripts/quant_fingerprint.py gptq_w4 awq_w4      # the whole model
 """
 import copy
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -16,7 +18,7 @@ from llmcompress.config import QuantizeConfig, load_config
 from llmcompress.models import embedded_model_dir, load_model
 from llmcompress.quant.quantize import quantize_model
 
-LAYERS = 3
+LAYERS = int(os.environ.get("FP_LAYERS", 3))  # FP_LAYERS=30: the whole embedded default
 CALIB = ["data.num_samples=8", "data.max_length=64", "batch_size=4"]
 W4 = ["weights.format=int4", "weights.granularity=group", "weights.group_size=128", "activations.format=none"]
 RUNS = {

@@ -20,6 +20,10 @@ class KVCache(Algorithm):
         return cfg.kv_cache.format != "none"
 
     def begin(self, model, arch) -> None:
+        if arch.generic:
+            raise UserError(f"kv_cache.format: no architecture mapping for model_type "
+                            f"{getattr(model.config, 'model_type', None)!r} says where the keys and values are "
+                            f"(see quant/architectures.py; use kv_cache.format: none)")
         if arch.kv is None:
             raise UserError(f"kv_cache.format: {arch.name} computes keys and values in one fused projection; "
                             f"KV-cache quantization needs separate k/v projections (use kv_cache.format: none)")
