@@ -295,7 +295,12 @@ FMT = [("weights_gb", "weights GB", ".2f"), ("peak_mem_gb", "peak GB", ".1f"), (
 
 
 def table(out: Path) -> str:
-    rows = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines() if l.strip()]
+    merged = {}  # one row per model x scheme: later processes (a second call, a re-run) add to or replace cells
+    for line in (out / "rows.jsonl").read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            merged.setdefault((r["model"], r["scheme"]), {}).update(r)
+    rows = list(merged.values())
     lines = ["| model | scheme | " + " | ".join(h for _, h, _ in FMT) + " |", "|---|---|" + "---:|" * len(FMT)]
     for r in rows:
         base = next((x for x in rows if x["model"] == r["model"] and x["scheme"] == "bf16"), {})
