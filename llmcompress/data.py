@@ -24,6 +24,8 @@ def resolve_source(source: str) -> Path | str:
         return ASSETS / BUILTIN_DATA[name]
     p = Path(source).expanduser()
     if p.exists():
+        if not p.is_file():
+            raise UserError(f"{source}: expected a dataset file, got a {'directory' if p.is_dir() else 'special file'}")
         return p
     if source.startswith((".", "/", "~")) or Path(source).suffix in {".txt", ".json", ".jsonl", ".tsv", ".csv"}:
         raise UserError(f"{source}: dataset file not found")
@@ -100,6 +102,8 @@ def format_row(row: dict, template: str) -> str:
             return template.format(**row)
         except KeyError as e:
             raise UserError(f"template: field {e.args[0]!r} not in the data (fields: {', '.join(row)})") from None
+        except (IndexError, ValueError, AttributeError, TypeError) as e:  # config validation refuses these first
+            raise UserError(f"template: {template!r} cannot format a row ({e.__class__.__name__}: {e})") from None
     if isinstance(row.get("text"), str):
         return row["text"]
     return "\n".join(str(v) for v in row.values() if isinstance(v, str) and v.strip())
