@@ -184,6 +184,10 @@ def execute(stage: str, config: Optional[Path], overrides: List[str], input_path
             if art is not None:
                 named.append((what, art.path))
         if inputs.model is not None:
+            from .models import resolve_model
+
+            model_key = f"{STAGES[stage].model_key}.name" if input_path is None else "--input"
+            resolve_model(inputs.model.name, model_key)  # a mistyped path fails here, not after a hub timeout
             named.append(("the model", Path(inputs.model.name)))
         check_output(output, named + config_paths(to_dict(cfg)), "--output")
         set_keys = {parse_override(o)[0] for o in overrides or []}

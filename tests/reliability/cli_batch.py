@@ -9,7 +9,6 @@ for hypothesis."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """path -> kind and content hash (files), link target (symlinks), 'dir'; never follows a symlink."""
+    """path -> kind with size and mtime (files), link target (symlinks), 'dir'; never follows a symlink."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in dirnames + filenames:
@@ -30,7 +29,8 @@ def snapshot(root: Path) -> dict[str, str]:
             elif p.is_dir():
                 out[rel] = "dir"
             elif p.is_file():
-                out[rel] = "file:" + hashlib.sha256(p.read_bytes()).hexdigest()
+                st = p.stat()
+                out[rel] = f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
             else:
                 out[rel] = "other"
     return out
@@ -80,6 +80,25 @@ def run_case(args: list[str], cwd: Path, watch: Path, files: dict[str, str] | No
         p.unlink(missing_ok=True)
     return {"args": args, "rc": rc, "stderr": err.getvalue(), "stdout": out.getvalue(),
             "changed": changes(before, after)}
+
+
+def assert_refused(result: dict, *needles: str) -> None:
+    """Exit 2, exactly one line on stderr holding every needle, nothing on stdout, nothing written."""
+    what = f"{result['args']}: rc={result['rc']} stderr={result['stderr']!r}"
+    assert result["rc"] == 2, what
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), what
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {what}"
+    assert "Traceback" not in result["stderr"] and result["stdout"].strip() == "", what
+    assert result["changed"] == [], f"{what} changed {result['changed']}"
+
+
+def assert_stopped_at_memory_check(result: dict) -> None:
+    """Accepted by every check before work: refused only by the (deliberately tiny) memory limit; nothing written."""
+    what = f"{result['args']}: rc={result['rc']} stderr={result['stderr']!r}"
+    assert result["rc"] == 2 and "needs about" in result["stderr"].strip().splitlines()[-1], what
+    assert result["changed"] == [], f"{what} changed {result['changed']}"
 
 
 def main() -> None:
