@@ -21,6 +21,7 @@ from . import __version__
 from .config import STAGE_CONFIGS, load_config
 from .errors import GateFailed, LlmcError, UserError
 from .progress import RichReporter
+from .artifacts import is_artifact
 from .stages import STAGES, cache_key, resolve_inputs, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -189,15 +190,24 @@ def execute(stage: str, config: Optional[Path], overrides: List[str], input_path
             model_key = f"{STAGES[stage].model_key}.name" if input_path is None else "--input"
             resolve_model(inputs.model.name, model_key)  # a mistyped path fails here, not after a hub timeout
             named.append(("the model", Path(inputs.model.name)))
+        for key, name in [("baseline", getattr(cfg, "baseline", None))] + [
+                (f"compare[{i}]", c) for i, c in enumerate(getattr(cfg, "compare", []))]:
+            if name and not is_artifact(Path(name).expanduser()):
+                from .models import resolve_model
+
+                resolve_model(name, key)
         check_output(output, named + config_paths(to_dict(cfg)), "--output")
         set_keys = {parse_override(o)[0] for o in overrides or []}
-        for line in said:
-            reporter.info(line)
 
         def origin(key: str) -> str:
             return "--set" if key in set_keys else str(config) if config else "<defaults>"
 
-        art = run_stage(stage, cfg, output, inputs, reporter, cache_key(stage, cfg, inputs), origin=origin)
+        def announce():  # the last refusals (memory, calibration binding) come before these lines
+            for line in said:
+                reporter.info(line)
+
+        art = run_stage(stage, cfg, output, inputs, reporter, cache_key(stage, cfg, inputs), origin=origin,
+                        announce=announce)
         summary = art.manifest.get("summary", {})
         _print_summary(stage, summary, art.path, quiet, as_json)
         if summary.get("gates_failed"):

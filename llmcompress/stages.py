@@ -136,9 +136,10 @@ def up_to_date(out: Path, key: str) -> bool:
 
 
 def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional[Reporter] = None,
-              key: Optional[str] = None, origin: Optional[Callable[[str], str]] = None) -> Artifact:
+              key: Optional[str] = None, origin: Optional[Callable[[str], str]] = None,
+              announce: Optional[Callable[[], None]] = None) -> Artifact:
     """`origin(key)` names where a config key was set (the config file or `--set`), for the refusals that blame
-    a key after validation (the memory check)."""
+    a key after validation (the memory check); `announce()` is called once every check has passed, before work."""
     spec = STAGES[name]
     reporter = reporter or Reporter()
     out = Path(out)
@@ -159,6 +160,8 @@ def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional
             fingerprint = weights_fingerprint(source)
         if inputs.calibration is not None:
             check_calibration_model(inputs.calibration, inputs.model.name, fingerprint)
+    if announce is not None:
+        announce()
     fn = spec.fn
     inputs = replace(inputs, work_dir=out.parent / f".{out.name}.work-{key[:16]}")
     if int(os.environ.get("RANK", "0")) != 0:
