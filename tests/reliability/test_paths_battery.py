@@ -91,13 +91,24 @@ CASES = [
      ["cfgs: ", "stages[0].name: is a non-empty directory"]),
     (["run", "p.yaml"], {"p.yaml": pipeline(output_root="cfgs", name="c.yaml")}, ["stages[0].name: is an existing "
                                                                                   "file"]),
+    (["run", "p.yaml"], {"p.yaml": yaml.safe_dump({"output_root": ".", "stages": [
+        {"stage": "calibrate", "name": "first"}, {"stage": "quantize", "name": "afile"}]})},
+     ["afile: p.yaml: stages[1].name: is an existing file"]),  # the last stage's output, before the first runs
     (["run", "userdir"], {}, ["userdir: is a directory; expected a YAML config file"]),
     (["run", "bin.yaml"], {}, ["bin.yaml: not UTF-8 text"]),
 ]
 
 
-def test_bad_paths_are_refused_before_any_work(box, batch_llmc):
-    cases = [{"args": args, "cwd": box, "watch": box.parent, "files": files} for args, files, _ in CASES]
+GOOD = [["calibrate", "-o", "fresh"], ["calibrate", "-o", "emptydir"], ["calibrate", "-o", "new/deep/dir"],
+        ["quantize", "-i", "cal", "-o", "cal2"], ["calibrate", "-o", "outer"], ["run", "good.yaml"]]
+
+
+def test_bad_paths_are_refused_and_good_ones_pass_before_any_work(box, batch_llmc):
+    """Bad: one line naming the path and key, nothing changed. Good neighbours reach the memory check (the last
+    step before work). One subprocess runs both tables."""
+    good_files = {"good.yaml": pipeline(name="ok-name", config="cfgs/c.yaml")}
+    cases = [{"args": args, "cwd": box, "watch": box.parent, "files": files} for args, files, _ in CASES] + \
+        [{"args": args, "cwd": box, "watch": box.parent, "files": good_files} for args in GOOD]
     results = batch_llmc(cases, env=TINY_MEMORY)
     failures = []
     for (args, _, needles), result in zip(CASES, results):
@@ -105,19 +116,12 @@ def test_bad_paths_are_refused_before_any_work(box, batch_llmc):
             assert_refused(result, *needles)
         except AssertionError as e:
             failures.append(str(e).splitlines()[0])
+    for result in results[len(CASES):]:
+        try:
+            assert_stopped_at_memory_check(result)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
     assert not failures, "\n".join(failures)
-
-
-def test_good_paths_pass_the_checks(box, batch_llmc):
-    """The same battery's accepted neighbours reach the memory check (the last step before work)."""
-    cases = [["calibrate", "-o", "fresh"], ["calibrate", "-o", "emptydir"], ["calibrate", "-o", "new/deep/dir"],
-             ["quantize", "-i", "cal", "-o", "cal2"], ["calibrate", "-o", "outer"],
-             ["run", "p.yaml"]]
-    files = {"p.yaml": pipeline(name="ok-name", config="cfgs/c.yaml")}
-    results = batch_llmc([{"args": a, "cwd": box, "watch": box.parent, "files": files} for a in cases],
-                         env=TINY_MEMORY)
-    for result in results:
-        assert_stopped_at_memory_check(result)
 
 
 # ---- generated: output paths and stage names assembled from the pieces that go wrong
@@ -160,3 +164,26 @@ def test_generated_paths(box, parts, absolute, stage):
     if stage == "quantize":
         cal = (box / "cal").resolve()
         assert cal != out.resolve() and cal not in out.resolve().parents and out.resolve() not in cal.parents
+
+
+def test_unwritable_output_is_refused_before_any_work(box, monkeypatch):
+    """As root every directory is writable, so the permission is denied through os.access (what the check asks);
+    the chmod variant below runs where the tests do not run as root (CI)."""
+    real_access = os.access
+    ro = box / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real_access(p, mode, **kw))
+    result = run_case(["calibrate", "-o", "ro/deep/out"], box, box.parent)
+    assert_refused(result, "ro/deep/out: --output:", "ro is not writable")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a mode-555 directory")
+def test_unwritable_output_is_refused_before_any_work_chmod(box, batch_llmc):
+    ro = box / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        [result] = batch_llmc([{"args": ["calibrate", "-o", "ro/out"], "cwd": box, "watch": box.parent}])
+        assert_refused(result, "ro/out: --output:", "ro is not writable")
+    finally:
+        ro.chmod(0o755)
