@@ -163,6 +163,7 @@ def _cached_sha256(path: Path, sha256_file) -> str:
         return known[key]
     digest = sha256_file(path)
     known[key] = digest
+    known = dict(list(known.items())[-1000:])  # bounded: the oldest entries go first
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.parent / f".hashes.{os.getpid()}.{uuid.uuid4().hex[:8]}"
