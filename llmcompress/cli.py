@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a gate failed (evaluate), 2 bad input (config, artifact
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -134,12 +135,13 @@ def _guard(fn, debug: bool):
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]: no artifact was written")
         raise typer.Exit(130)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except OSError as e:
+        if e.errno not in _PATH_ERRNOS or e.filename is None:
+            return _failed(e, debug)
         # a path the user named that is missing, of the wrong kind or not theirs to touch: bad input, not a crash
         if debug:
             traceback.print_exc()
-        where = e.filename if e.filename is not None else "?"
-        _say("error", f"{where}: {e.strerror or e.__class__.__name__}")
+        _say("error", f"{e.filename}: {e.strerror or e.__class__.__name__}")
         raise typer.Exit(2)
     except MemoryError:
         if debug:
@@ -147,17 +149,25 @@ def _guard(fn, debug: bool):
         err_console.print("[bold red]failed:[/] out of memory")
         raise typer.Exit(3)
     except Exception as e:  # a bug or an environment failure: one line, exit 3
-        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
-            # Ctrl-C/SIGTERM that landed inside an import surfaces as ImportError: still an interruption
-            err_console.print("[bold red]interrupted[/]: no artifact was written")
-            raise typer.Exit(130)
-        if debug:
-            traceback.print_exc()
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if len(msg) > 300:  # some library errors put a whole dump on one line
-            msg = msg[:300] + " ..."
-        _say("failed", f"{e.__class__.__name__}: {msg} (rerun with --debug for the traceback)")
-        raise typer.Exit(3)
+        _failed(e, debug)
+
+
+def _failed(e: Exception, debug: bool):
+    if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+        # Ctrl-C/SIGTERM that landed inside an import surfaces as ImportError: still an interruption
+        err_console.print("[bold red]interrupted[/]: no artifact was written")
+        raise typer.Exit(130)
+    if debug:
+        traceback.print_exc()
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(msg) > 300:  # some library errors put a whole dump on one line
+        msg = msg[:300] + " ..."
+    _say("failed", f"{e.__class__.__name__}: {msg} (rerun with --debug for the traceback)")
+    raise typer.Exit(3)
+
+
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY}
 
 
 def execute(stage: str, config: Optional[Path], overrides: List[str], input_path: Optional[Path], output: Path,

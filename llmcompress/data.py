@@ -81,6 +81,10 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     rows = _read_file_rows(where) if isinstance(where, Path) else _hub_rows(where, split)
     if not rows:
         raise UserError(f"{source}: dataset is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{source}: row {i + 1}: expected a mapping of field -> value, got "
+                            f"{type(row).__name__} {str(row)[:40]!r}")
     return rows
 
 

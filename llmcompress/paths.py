@@ -59,6 +59,8 @@ def check_output(out: Path, inputs: Iterable[tuple[str, Path]], key: str = "--ou
         raise UserError(f"{key}: expected an output directory path, got an empty one")
     if any(ord(c) < 32 for c in str(out)):
         raise UserError(f"{out!r}: {key}: a path with a control character is refused")
+    if any(len(part.encode()) > 255 for part in out.parts):
+        raise UserError(f"{str(out)[:60]}...: {key}: a path component longer than 255 bytes")
     check_writable(out, key)
     check_replaceable(out, key)
     for what, path in inputs:

@@ -96,6 +96,12 @@ def run_pipeline(path: Path, reporter: Optional[Reporter] = None, force: bool = 
     for i, (st, cfg, cfg_path) in enumerate(zip(pipe.stages, configs, cfg_paths)):
         named = [("the pipeline file", path)] + ([("its config", cfg_path)] if cfg_path else [])
         check_output(root / st.name, named + config_paths(to_dict(cfg)), f"{path}: stages[{i}].name")
+        model_key = STAGES[st.stage].model_key
+        no_input = st.input is None or (st.input == "previous" and i == 0)
+        if model_key and no_input:  # a mistyped model path in the last stage fails before the first runs
+            from .models import resolve_model
+
+            resolve_model(getattr(cfg, model_key).name, f"{path}: stages[{i}] {model_key}.name")
 
     results, outputs, gates_failed = [], {}, []
     prev_name = None

@@ -102,6 +102,11 @@ def test_template_and_source_refused_by_the_library_too(tmp_path):
         format_row({"a": "x"}, "{0.__class__}")
     with pytest.raises(UserError, match="expected a dataset file, got a directory"):
         resolve_source(str(tmp_path))
+    from llmcompress.data import load_rows
+
+    (tmp_path / "ints.jsonl").write_text("1\n2\n")
+    with pytest.raises(UserError, match="ints.jsonl: row 1: expected a mapping"):
+        load_rows(str(tmp_path / "ints.jsonl"))
 
 
 def test_hub_prefix_forces_the_hub_and_org_name_shape_stays_a_hub_id(tmp_path, monkeypatch):

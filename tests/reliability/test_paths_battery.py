@@ -57,6 +57,7 @@ CASES = [
     (["calibrate", "-o", "."], {}, [".: --output: is a non-empty directory"]),
     (["calibrate", "-o", "link"], {}, ["link: --output: is a symlink"]),
     (["calibrate", "-o", "bad\nname"], {}, ["--output: a path with a control character"]),
+    (["calibrate", "-o", "x" * 300], {}, ["--output: a path component longer than 255 bytes"]),
     (["quantize", "-i", "cal", "-o", "cal"], {}, ["cal: --output: is the input"]),
     (["quantize", "-i", "cal", "-o", "cal/sub"], {}, ["cal/sub: --output: lies inside the input"]),
     (["quantize", "-i", "cal", "-o", "./cal/../cal"], {}, ["--output: is the input"]),
@@ -94,6 +95,10 @@ CASES = [
     (["run", "p.yaml"], {"p.yaml": yaml.safe_dump({"output_root": ".", "stages": [
         {"stage": "calibrate", "name": "first"}, {"stage": "quantize", "name": "afile"}]})},
      ["afile: p.yaml: stages[1].name: is an existing file"]),  # the last stage's output, before the first runs
+    (["run", "p.yaml"], {"p.yaml": yaml.safe_dump({"output_root": "out", "stages": [
+        {"stage": "calibrate"}, {"stage": "calibrate", "name": "second", "input": None,
+                                 "set": {"model.name": "runs/mdl"}}]})},
+     ["runs/mdl: p.yaml: stages[1] model.name: model path does not exist"]),
     (["run", "userdir"], {}, ["userdir: is a directory; expected a YAML config file"]),
     (["run", "bin.yaml"], {}, ["bin.yaml: not UTF-8 text"]),
 ]
