@@ -123,6 +123,11 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     experts = select_experts(model, cfg.include, cfg.exclude)
     if not linears and not experts:
         raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
+    longest = max([lin.in_features for lin in linears.values()]
+                  + [w.shape[1] for m in experts.values() for w in expert_weights(m).values()])
+    if cfg.weights.granularity == "group" and cfg.weights.group_size > longest:
+        raise UserError(f"weights.group_size: {cfg.weights.group_size} is longer than every selected layer's rows "
+                        f"(at most {longest} columns); a group of at most {longest} (or granularity: channel)")
     check_finite({**linears, **experts})
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
