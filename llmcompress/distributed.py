@@ -22,6 +22,12 @@ class Ranks:
     rank: int
     local_rank: int
 
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        """What torchrun told this process (world 1, rank 0 without it); no group is joined."""
+        return cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
     @property
     def device(self) -> Optional[str]:
         """This rank's GPU under torchrun on CUDA; None (the model config decides) otherwise."""
@@ -31,9 +37,8 @@ class Ranks:
 @contextlib.contextmanager
 def process_group():
     """Join torchrun's group for the duration of a stage (left as found if the caller already joined one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ranks = Ranks(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
-    own = world > 1 and not dist.is_initialized()
+    ranks = Ranks.from_env()
+    own = ranks.world > 1 and not dist.is_initialized()
     if own:
         if torch.cuda.is_available():
             torch.cuda.set_device(ranks.local_rank)  # object collectives on NCCL use the current device

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import TrainStudentConfig
-from ..distributed import process_group
+from ..distributed import Ranks, process_group
 from ..errors import UserError
 from ..models import load_model
 from .generate import stage_work_dir
@@ -233,10 +233,11 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
     if inputs is None or inputs.artifact is None or inputs.artifact.stage != "distill-data":
         raise UserError("train-student: needs a distill-data artifact as --input (run `llmc distill-data`)")
 
+    world = Ranks.from_env().world
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size: {cfg.batch_size} sequences cannot be split evenly over {world} processes; "
+                        f"use a multiple of {world}")
     with process_group() as ranks:  # one process, or one per torchrun rank
-        if cfg.batch_size % ranks.world:
-            raise UserError(f"batch_size: {cfg.batch_size} sequences cannot be split evenly over {ranks.world} "
-                            f"processes; use a multiple of {ranks.world}")
         return _train(cfg, out_dir, inputs, reporter, inputs.model or cfg.teacher, ranks.device, ranks.world,
                       ranks.rank)
 
@@ -381,8 +382,8 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
                 os.replace(tmp, ckpt_path)  # a kill mid-save leaves the previous checkpoint whole
 
     # each rank's own copy under DDP; the gathered whole under FSDP (a collective: every rank runs it)
-    weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in student.parameters()]
     final_state = _full_state(student)[0] if fsdp else None
+    weights = [final_state[n] if fsdp else p for n, p in student.named_parameters()]
     summary = {"steps": cfg.steps, "resumed_from_step": start, "world_size": world,
                "parallel": cfg.parallel if world > 1 else "none",
                "student_layers": student.config.num_hidden_layers,
