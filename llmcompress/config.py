@@ -344,8 +344,15 @@ class WeightQuantConfig:
     percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
     clip_threshold: Optional[float] = opt(None, "fixed |x| clipping threshold T for the 'clip' observer", gt=0.0)
     scale_dtype: Literal["float16", "bfloat16", "float32"] = opt("float16", "dtype the scales are stored in")
+    zero_point: Literal["int", "float"] = opt("int", "asymmetric int4 only: the offset as an integer code, "
+                                              "w = s·(q − z), or as a float m in the scale dtype, w = s·q + m "
+                                              "(GGUF q4_1's grid; with the minmax observer RTN rounds exactly as "
+                                              "llama.cpp does); float runs dequantize-then-matmul, not the W4A16 "
+                                              "kernel")
 
     def check(self):
+        if self.zero_point == "float" and (self.format != "int4" or self.symmetric):
+            raise Invalid("zero_point", "'int' unless format is int4 and symmetric is false", self.zero_point)
         if self.observer == "clip" and self.clip_threshold is None:
             raise Invalid("clip_threshold", "a threshold T > 0 when observer is 'clip'", None)
 

@@ -9,7 +9,8 @@ Block formats written (ggml's block of 32 consecutive inputs of one row, scale d
 
 A quantize artifact whose weights already lie on the type's grid is copied code for code and scale for scale
 (no re-rounding): symmetric int8 groups of 32 with fp16 scales are q8_0 (d = s, q = q); symmetric int4 groups of
-32 with fp16 scales are q4_0 (d = s, u = q + 8). GPTQ / AWQ run with that layout therefore reach llama.cpp as
+32 with fp16 scales are q4_0 (d = s, u = q + 8); asymmetric int4 groups of 32 with a float zero point
+(weights.zero_point: float, fp16) are q4_1 (d = s, m = the offset). GPTQ / AWQ run with that layout therefore reach llama.cpp as
 they were optimised. A dense model (or an artifact's Linears left in float) are rounded by llama.cpp's own
 quantizer (gguf.quants, a bit-exact port of ggml-quants.c). Embeddings, lm_head and norms stay in float (F32,
 or F16/BF16 when the model is stored so), as they are in our artifacts.
@@ -33,14 +34,15 @@ import torch
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
 BLOCK = 32
 # The artifact layout (quantization_config.modules scheme) that each type holds exactly, for copying codes.
-_EXACT_SCHEME = {"q8_0": {"weight_format": "int8", "symmetric": True},
-                 "q4_0": {"weight_format": "int4", "symmetric": True}}
+_EXACT_SCHEME = {"q8_0": {"weight_format": "int8", "symmetric": True, "float_zero": False},
+                 "q4_0": {"weight_format": "int4", "symmetric": True, "float_zero": False},
+                 "q4_1": {"weight_format": "int4", "symmetric": False, "float_zero": True}}
 _NEAREST = {"q8_0": "weights: {format: int8, symmetric: true, granularity: group, group_size: 32, "
                     "scale_dtype: float16}",
             "q4_0": "weights: {format: int4, symmetric: true, granularity: group, group_size: 32, "
                     "scale_dtype: float16}",
-            "q4_1": "a dense model, or a q4_0 layout (weights: {format: int4, symmetric: true, granularity: group, "
-                    "group_size: 32, scale_dtype: float16})"}
+            "q4_1": "weights: {format: int4, symmetric: false, zero_point: float, granularity: group, "
+                    "group_size: 32, scale_dtype: float16}"}
 _FLOAT_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -118,18 +120,16 @@ def gguf_problem(artifact_dir: Path, qtype: str) -> Optional[str]:
     for name, s in sorted((qc.get("modules") or {}).items()):
         if s.get("act_format") is not None:
             return (f"{d / 'config.json'}: quantization_config.modules.{name}.act_format {s.get('act_format')!r}: "
-                    f"GGUF stores weights only; nearest that works: activations: {{format: none}} with "
+                    f"GGUF stores weights only; nearest that works for {qtype}: activations: {{format: none}} with "
                     f"{_NEAREST[qtype]}")
-        if qtype == "q4_1":
-            return (f"{d / 'config.json'}: quantization_config.modules.{name}: q4_1's float offset m (x = d·u + m) "
-                    f"is not our integer zero point, so a quantized artifact cannot be copied into q4_1 without "
-                    f"re-rounding; nearest that works: {_NEAREST[qtype]}")
         want = _EXACT_SCHEME[qtype]
         ok = (s.get("weight_format") == want["weight_format"] and bool(s.get("symmetric")) == want["symmetric"]
+              and bool(s.get("float_zero", False)) == want["float_zero"]
               and s.get("granularity") == "group" and s.get("group_size") == BLOCK
               and s.get("scale_dtype") == "float16")
         if not ok:
-            got = (f"{s.get('weight_format')} {'symmetric' if s.get('symmetric') else 'asymmetric'} "
+            zero = "" if s.get("symmetric") else (" float zero point" if s.get("float_zero") else " integer zero point")
+            got = (f"{s.get('weight_format')} {'symmetric' if s.get('symmetric') else 'asymmetric'}{zero} "
                    f"{s.get('granularity')} group_size={s.get('group_size')} scale_dtype={s.get('scale_dtype')}")
             return (f"{d / 'config.json'}: quantization_config.modules.{name}: {got} is not on the {qtype} grid "
                     f"(copied without re-rounding only from {_NEAREST[qtype]})")
@@ -153,9 +153,9 @@ def pack_blocks(qtype: str, codes: np.ndarray, d: np.ndarray, m: Optional[np.nda
     """Codes [N, K] (q8_0: int8 q; q4_0 / q4_1: uint8 u) with per-block d (and m) [N, K/32] exactly
     representable in fp16 -> the tensor's bytes [N, K/32 · block bytes]."""
     n, k = codes.shape
-    d16 = d.astype(np.float16)
-    if not np.array_equal(d16.astype(np.float32), d.astype(np.float32)):
-        raise ValueError("block scales are not fp16 values: they would be re-rounded")
+    for p in (d, m):
+        if p is not None and not np.array_equal(p.astype(np.float16).astype(np.float32), p.astype(np.float32)):
+            raise ValueError("block scales / offsets are not fp16 values: they would be re-rounded")
     if qtype == "q8_0":
         q = codes.astype(np.int8).view(np.uint8).reshape(n, k // BLOCK, BLOCK)
         parts = [_fp16_bytes(d), q]
@@ -170,9 +170,10 @@ def _quantized_bytes(module, qtype: str) -> np.ndarray:
     """A QuantLinear on the type's grid -> its GGUF bytes, codes and scales copied."""
     from llmcompress.kernels.reference import unpack_int4
 
-    if qtype == "q4_0":
+    if qtype in ("q4_0", "q4_1"):
         u = unpack_int4(module.qweight, module.in_features).numpy()
-        return pack_blocks(qtype, u, module.scales.float().numpy())
+        m = module.zeros.float().numpy() if qtype == "q4_1" else None
+        return pack_blocks(qtype, u, module.scales.float().numpy(), m)
     return pack_blocks(qtype, module.w_q.numpy(), module.w_scale.float().numpy())
 
 

@@ -39,7 +39,7 @@ FP8_ACT_MAX = 448.0
 def weight_spec(w: WeightQuantConfig) -> QuantSpec:
     """The QuantSpec a weights config asks for (int4 asymmetric uses unsigned codes 0..15 with a zero point)."""
     dtype = {"int8": "int8", "int4": "int4" if w.symmetric else "uint4", "fp8": "fp8_e4m3"}[w.format]
-    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype)
+    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype, w.zero_point == "float")
 
 
 def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
@@ -64,6 +64,9 @@ def check_config(cfg: QuantizeConfig, has_calibration: bool) -> None:
     if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
         raise UserError(f"weights.group_size: int4 needs an even group size (two codes per byte), got "
                         f"{w.group_size}")
+    if w.zero_point == "float" and cfg.method == "awq":
+        raise UserError("weights.zero_point: 'float' runs with method rtn or gptq (AWQ's clip and scale refit "
+                        "assume integer zero points); use zero_point: int with awq")
     if a.format == "int8":
         if w.format != "int8":
             raise UserError(f"activations.format: int8 activations run on the W8A8 int8 kernel and need "
@@ -80,7 +83,7 @@ def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme
     group = int4_layout_group_size(spec, in_features) if w.format == "int4" else (
         w.group_size if w.granularity == "group" else in_features)
     return Scheme(w.format, w.granularity, group, w.symmetric, w.scale_dtype,
-                  None if a.format == "none" else a.format, a.dynamic)
+                  None if a.format == "none" else a.format, a.dynamic, w.zero_point == "float")
 
 
 def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Linear]:

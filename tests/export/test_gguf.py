@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 from llmcompress.config import QuantizeConfig, WeightQuantConfig, ActivationQuantConfig  # noqa: E402
 from llmcompress.errors import UserError  # noqa: E402
+from llmcompress.quant.formats import QuantSpec, fake_quantize  # noqa: E402
 from llmcompress.export.gguf import GGUF_TYPES, gguf_problem, pack_blocks, write_gguf  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -26,6 +27,14 @@ def _sym_g32(fmt: str) -> QuantizeConfig:
                           activations=ActivationQuantConfig(format="none"))
 
 
+# the artifact layout each GGUF type holds exactly
+LAYOUTS = {"q8_0": _sym_g32("int8"), "q4_0": _sym_g32("int4"),
+           "q4_1": QuantizeConfig(weights=WeightQuantConfig(format="int4", symmetric=False, zero_point="float",
+                                                            granularity="group", group_size=32, scale_dtype="float16"),
+                                  activations=ActivationQuantConfig(format="none"))}
+Q4_1_SPEC = QuantSpec("uint4", False, "group", 32, "float16", float_zero=True)
+
+
 @pytest.fixture(scope="module")
 def artifact_q4(smollm, tmp_path_factory):
     """An RTN artifact of the embedded default in q4_0's exact layout (sym int4, groups of 32, fp16 scales)."""
@@ -34,7 +43,7 @@ def artifact_q4(smollm, tmp_path_factory):
 
     model, tok = smollm
     q = copy.deepcopy(model)
-    quantize_model(q, _sym_g32("int4"))
+    quantize_model(q, LAYOUTS["q4_0"])
     d = tmp_path_factory.mktemp("art_q4")
     save_quantized(q, d, tok, "rtn", {"weights": {}, "kv_cache": {"format": "none"}})
     return d, load_quantized(d, dtype=torch.float32)
@@ -86,13 +95,14 @@ def _artifact_dir(tmp_path, smollm_path, **scheme):
     ("q4_0", {"scale_dtype": "float32"}, "scale_dtype=float32"),
     ("q8_0", {}, "int4"),
     ("q4_0", {"act_format": "int8"}, "act_format"),
-    ("q4_1", {}, "float offset"),
+    ("q4_1", {}, "symmetric"),
+    ("q4_1", {"symmetric": False}, "integer zero point"),
 ])
 def test_problem_names_key_and_nearest_layout(tmp_path, smollm_path, qtype, scheme, key):
     d = _artifact_dir(tmp_path, smollm_path, **scheme)
     msg = gguf_problem(d, qtype)
     assert msg is not None and key in msg and "model.layers.0.mlp.up_proj" in msg, msg
-    assert "\n" not in msg and "group_size: 32" in msg
+    assert "\n" not in msg and "group_size: 32" in msg and qtype in msg
     with pytest.raises(UserError):
         write_gguf(d, tmp_path / "out.gguf", qtype)
     assert not list(tmp_path.glob("*.gguf*"))  # nothing written
@@ -132,7 +142,44 @@ def test_reader_sees_types_shapes_and_metadata(q4_file, smollm_path):
     assert summary["copied"] == 210 and summary["rtn"] == 0 and summary["types"]["Q4_0"] == 210
 
 
-def test_q8_0_artifact_codes_copied_exactly(smollm, tmp_path):
+def test_q4_1_rtn_is_llama_cpp_quantizer_bit_for_bit(smollm):
+    """weights.zero_point: float with the minmax observer rounds as ggml's quantize_row_q4_1_ref: the packed
+    bytes equal gguf.quants.quantize's (random weights with exact ties and a constant block, and a real layer)."""
+    from llmcompress.quant.rtn import quantize_weight
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 128, generator=g)
+    w[0, :32] = torch.round(w[0, :32] * 4) / 4
+    w[1, 32:64] = 0.5
+    real = smollm[0].model.layers[5].mlp.down_proj.weight.detach()[:64]
+    for x in (w, real):
+        qw = quantize_weight(x, Q4_1_SPEC)
+        raw = pack_blocks("q4_1", qw.codes.numpy(), qw.scale.numpy(), qw.zero_point.numpy())
+        assert np.array_equal(raw, gguf.quants.quantize(x.float().numpy(), T.Q4_1))
+        assert np.array_equal(qw.dequantize().numpy(), gguf.quants.dequantize(raw, T.Q4_1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_stays_on_the_q4_1_grid_and_beats_rtn(act_order):
+    """GPTQ with a float offset: Ŵ is a fixed point of the q4_1 quantizer (so it packs without re-rounding), with
+    fp16 d and m, and its layer error is below RTN's."""
+    from llmcompress.quant.gptq import gptq_quantize, layer_error
+    from llmcompress.quant.observers import MinMaxObserver
+    from llmcompress.quant.rtn import quantize_weight
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 192, generator=g)
+    x = torch.randn(512, 192, generator=g) * torch.linspace(0.2, 3, 192)
+    h = 2 * x.t() @ x / 512
+    res = gptq_quantize(w, h, Q4_1_SPEC, MinMaxObserver(Q4_1_SPEC), act_order=act_order, refit_scales=True)
+    assert torch.equal(fake_quantize(res.weight, res.scale, res.zero_point, Q4_1_SPEC), res.weight)
+    for p in (res.scale, res.zero_point):
+        assert torch.equal(p.half().float(), p)
+    assert res.error < 0.9 * layer_error(w, quantize_weight(w, Q4_1_SPEC).dequantize(), h)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+def test_artifact_codes_copied_exactly(smollm, tmp_path, qtype):
     """Read back with gguf's dequantizer (q/k un-permuted): every weight equals our dequantized weight."""
     from llmcompress.quant.checkpoint import save_quantized
     from llmcompress.quant.qlinear import QuantLinear
@@ -142,10 +189,12 @@ def test_q8_0_artifact_codes_copied_exactly(smollm, tmp_path):
     q = copy.deepcopy(model)
     q.model.layers = q.model.layers[:2]  # two layers keep the test fast
     q.config.num_hidden_layers = 2
-    quantize_model(q, _sym_g32("int8"))
+    quantize_model(q, LAYOUTS[qtype])
     save_quantized(q, tmp_path / "art", tok, "rtn", {"kv_cache": {"format": "none"}})
-    out = tmp_path / "q8.gguf"
-    write_gguf(tmp_path / "art", out, "q8_0")
+    assert gguf_problem(tmp_path / "art", qtype) is None
+    assert gguf_problem(tmp_path / "art", "q4_0" if qtype != "q4_0" else "q8_0") is not None
+    out = tmp_path / f"{qtype}.gguf"
+    write_gguf(tmp_path / "art", out, qtype)
     r = gguf.GGUFReader(out)
     by_name = {t.name: t for t in r.tensors}
     for name, mod in q.named_modules():
@@ -155,7 +204,7 @@ def test_q8_0_artifact_codes_copied_exactly(smollm, tmp_path):
         gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind]
         t = by_name[f"blk.{layer}.{gname}.weight"]
-        assert t.tensor_type == T.Q8_0
+        assert t.tensor_type == getattr(T, qtype.upper())
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         heads = {"q_proj": 9, "k_proj": 3}.get(kind)
         if heads:  # llama.cpp's RoPE row order back to Hugging Face's
