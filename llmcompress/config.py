@@ -679,32 +679,61 @@ class ClassifierEvalData(DataConfig):
 
 @dataclass
 class ClassificationConfig:
-    train: ClassifierTrainData = opt(factory=ClassifierTrainData, help="labelled or unlabelled text the student learns from "
-                            "(the teacher's soft labels are the target; gold labels are not used for training)")
+    train: ClassifierTrainData = opt(factory=ClassifierTrainData, help="text the student learns from: the teacher's "
+                            "soft labels, mixed by alpha with the gold labels where rows have them")
     eval: ClassifierEvalData = opt(factory=ClassifierEvalData, help="labelled held-out text for accuracy (never a training split)")
     text_field: str = opt("sentence", "field holding the text")
-    label_field: Optional[str] = opt("label", "field holding the gold label index (null = none: no accuracy)")
+    label_field: Optional[str] = opt("label", "field holding the gold label (null = none: no gold term, no "
+                                     "accuracy)")
+    labels: list[str] = opt(factory=lambda: ["0", "1"], min_len=2,
+                            help="the label field's values, in label-index order")
     verbalizers: list[str] = opt(factory=lambda: ["negative", "positive"], min_len=2,
                                  help="label index -> word the teacher scores by log-likelihood")
     prompt: str = opt("Review: {text}\nIs the sentiment of this movie review positive or negative? "
-                      "Answer with one word.", "user message the teacher answers ({text} = the example)")
-    keep_every: int = opt(6, "the classifier student keeps every k-th teacher layer (unless `student` is set)",
-                          ge=1)
+                      "Answer with one word.", "user message the teacher answers ({text} = the example); "
+                      "write examples into it for a few-shot teacher")
+    layers: list[int] = opt(factory=lambda: [0, 1, 2, 3, 4, 5], min_len=1,
+                            help="teacher layers the student keeps (copied, in this order)")
     teacher_batch_size: int = opt(16, "examples per teacher scoring forward pass", ge=1)
     latency_examples: int = opt(32, "examples timed one at a time for per-example latency", ge=1)
 
 
 @dataclass
+class RankingData(DataConfig):
+    source: str = opt("", "dataset: a .json/.jsonl/.tsv/.csv file or a hub dataset 'name' / 'name:config'")
+    num_samples: int = opt(2000, "rows to use", ge=1)
+    max_length: int = opt(128, "tokens per (context, candidate) text for the student (longer are truncated)",
+                          ge=8)
+
+
+@dataclass
+class RankingConfig:
+    train: RankingData = opt(factory=RankingData, help="rows the student learns from: the teacher's scores, "
+                             "mixed by alpha with the gold index where rows have one")
+    eval: RankingData = opt(factory=lambda: RankingData(num_samples=500, shuffle=False),
+                            help="labelled held-out rows for accuracy (never a training split)")
+    context_field: str = opt("ctx", "field holding the context (query)")
+    candidates_field: str = opt("endings", "field holding the list of candidates (same count in every row)")
+    label_field: Optional[str] = opt("label", "field holding the right candidate's index (null = none)")
+    layers: list[int] = opt(factory=lambda: [0, 1, 2, 3], min_len=1,
+                            help="teacher layers the student keeps (copied, in this order)")
+    teacher_batch_size: int = opt(32, "(context, candidate) pairs per teacher forward pass", ge=1)
+    latency_examples: int = opt(32, "rows timed one at a time for per-row latency", ge=1)
+
+
+@dataclass
 class TrainStudentConfig:
-    task: Literal["generative", "classification"] = opt(
+    task: Literal["generative", "classification", "ranking"] = opt(
         "generative", "generative: a causal-LM student on distill-data rows; classification: a classifier "
-        "student on the teacher's soft labels (see classification.*)")
+        "student on the teacher's soft labels (see classification.*); ranking: a candidate scorer on the "
+        "teacher's candidate scores (see ranking.*)")
     teacher: ModelConfig = opt(factory=ModelConfig, help="teacher for online KD and layer-initialised students")
     student: str = opt("", "student HF id/path; empty = built from the teacher by keeping every k-th layer")
     keep_every: int = opt(2, "k: keep teacher layers 0, k, 2k, ... for a built student (DistilBERT-style init)",
                           ge=1)
-    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE (α = 0: sequence distillation)",
-                       ge=0.0, le=1.0)
+    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE; generative: CE on the teacher's "
+                       "text (α = 0: sequence distillation); classification: CE on gold labels (α = 1: soft labels "
+                       "only)", ge=0.0, le=1.0)
     temperature: float = opt(2.0, "softmax temperature T of the KD term", gt=0.0)
     kd_source: Literal["online", "stored"] = opt("online", "teacher logits from a live teacher or the top-k "
                                                  "log-probs stored by distill-data (save_logits: true)")
@@ -724,6 +753,7 @@ class TrainStudentConfig:
     save_every: int = opt(25, "checkpoint every N steps into the work dir (a rerun resumes from the last)", ge=1)
     eval_fraction: float = opt(0.1, "fraction of rows held out", gt=0.0, lt=1.0)
     classification: ClassificationConfig = opt(factory=ClassificationConfig, help="task: classification")
+    ranking: RankingConfig = opt(factory=RankingConfig, help="task: ranking")
     seed: int = opt(0, "seed")
 
 
