@@ -119,7 +119,7 @@ def score(name, model, teacher, tok, held_out, cfg, wiki_ids, gsm_rows, args) ->
         gen = model.to(torch.bfloat16) if dev.type == "cuda" else model
         row.update(gsm8k_accuracy(gen, tok, gsm_rows, args.gsm8k_batch, args.gsm8k_new_tokens))
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(row), flush=True)
+    print("score", json.dumps(row), flush=True)
     return row
 
 
@@ -130,15 +130,15 @@ def main():
     ap.add_argument("--work", type=Path, help="artifacts (default OUT/work); a distill-data artifact there is reused")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a CPU smoke run: a few prompts, a few steps")
-    ap.add_argument("--gsm8k-prompts", type=int, default=1200)
+    ap.add_argument("--gsm8k-prompts", type=int, default=600)
     ap.add_argument("--instruction-prompts", type=int, default=1979)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--gen-batch", type=int, default=128)
+    ap.add_argument("--gen-batch", type=int, default=256)
     ap.add_argument("--arms", default="ce,kd_stored,kd_online")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eval-batch", type=int, default=8)
@@ -188,6 +188,8 @@ def main():
         "prompts", "generated", "kept", "dropped_wrong_answer", "dropped_duplicate", "teacher_accuracy",
         "generated_tokens", "tokens_per_s", "peak_memory_mb")}, "batch_size": args.gen_batch}
     print("distill-data", json.dumps(result["distill_data"]), flush=True)
+    save = lambda: (args.out / "results.json").write_text(json.dumps(result, indent=2))  # noqa: E731
+    save()  # after every phase: a run cut short keeps what it finished
 
     # -- 2. the arms
     common = {"teacher": {"device": args.device}, "keep_every": 2, "steps": args.steps, "batch_size": args.batch,
@@ -206,6 +208,7 @@ def main():
                                              "peak_memory_mb", "student_layers", "student_params")}}
             print("train", json.dumps(row), flush=True)
             result["train"].append(row)
+            save()
             students.append((f"{arm}_s{seed}", art.path))
 
     # -- 3. scores, on the held-out rows every arm left out (the split does not depend on the seed)
@@ -225,13 +228,15 @@ def main():
         untrained = build_student(teacher, 2).to(teacher.device)
         result["scores"].append(score("untrained", untrained, teacher, tok, held_out, cfg, wiki_ids, [], args))
         del untrained
+        save()
     for name, path in students:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(teacher.device)
         result["scores"].append(score(name, model, teacher, tok, held_out, cfg, wiki_ids, gsm_rows, args))
         del model
+        save()
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    save()
     print(summarize([result]))
 
 

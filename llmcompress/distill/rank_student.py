@@ -79,13 +79,13 @@ def teacher_scores(teacher, tok, rows: list[dict], batch_size: int) -> torch.Ten
         for j, (a, b) in enumerate(zip(ctx, cand)):
             ids[j, :len(a) + len(b)] = torch.tensor(a + b)
             mask[j, :len(a) + len(b)] = 1
-        lp = torch.log_softmax(teacher(input_ids=ids.to(teacher.device),
-                                       attention_mask=mask.to(teacher.device)).logits.float(), -1).cpu()
+        logits = teacher(input_ids=ids.to(teacher.device), attention_mask=mask.to(teacher.device)).logits
+        lp = torch.log_softmax(logits.float(), -1)
         for j, (a, b) in enumerate(zip(ctx, cand)):
             # position t predicts token t + 1: the candidate's tokens sit at len(a) .. len(a)+len(b)-1
-            pos = torch.arange(len(a) - 1, len(a) + len(b) - 1)
-            scores.append(lp[j, pos, torch.tensor(b)].mean().item())
-    return torch.tensor(scores).view(len(rows), -1)
+            pos = torch.arange(len(a) - 1, len(a) + len(b) - 1, device=lp.device)
+            scores.append(lp[j, pos, torch.tensor(b, device=lp.device)].mean())
+    return torch.stack(scores).cpu().view(len(rows), -1)
 
 
 def student_scores(model: Classifier, tok, rows: list[dict], max_length: int) -> torch.Tensor:

@@ -5,6 +5,6 @@ set -uo pipefail
 bash scripts/results/h100_distill/setup.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD LLMC_CACHE=/tmp/llmc-cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 scripts/distill_experiment.py --data data --device cuda --seeds 0 --work /tmp/kd/work --out /tmp/kd/s0 \
+timeout 560 python3 scripts/distill_experiment.py --data data --device cuda --seeds 0 --work /tmp/kd/work --out /tmp/kd/s0 \
   2>&1 | grep -v -E "Loading weights|clean_up_tokenization" | tee $OUT/kd_s0.log
 cp /tmp/kd/s0/results.json $OUT/kd_s0.json
