@@ -113,6 +113,7 @@ def score(name, model, teacher, tok, held_out, cfg, wiki_ids, gsm_rows, args) ->
     dev = next(model.parameters()).device
     pad = tok.pad_token_id
     h = evaluate(model, teacher, held_out, cfg, dev, pad)
+    model.eval()  # evaluate() leaves its model in train mode
     row = {"model": name, "heldout_ppl": h["eval_ppl"], "heldout_kl": h["eval_kl"], "heldout_tokens": h["eval_tokens"]}
     row.update(wikitext_metrics(model, teacher, wiki_ids, args.wiki_seq_len, args.eval_batch, cfg.bf16))
     if gsm_rows:
