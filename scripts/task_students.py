@@ -1,6 +1,7 @@
 """Task students of the embedded default (SmolLM2-135M-Instruct): SST-2 classifiers and a HellaSwag ranker.
 
   sst2_soft   classification, α = 1: the teacher's zero-shot soft labels only (gold labels unused)
+  sst2_soft_fewshot   the same with a 4-shot teacher prompt (FEW_SHOT: four SST-2 train phrases, two per label)
   sst2_gold   classification, α = 0.5: soft labels mixed with the gold labels
   hellaswag   ranking, α = 0.5: the teacher's candidate scores mixed with the gold index
 
@@ -27,6 +28,14 @@ from llmcompress.data import load_rows
 from llmcompress.distill import rank_student, task_student
 from llmcompress.models import load_model
 from llmcompress.stages import StageInputs, run_stage
+
+
+FEW_SHOT = ("Review: contains no wit , only labored gags\nSentiment: negative\n\n"
+            "Review: that loves its characters and communicates something rather beautiful about human nature\n"
+            "Sentiment: positive\n\n"
+            "Review: excruciatingly unfunny and pitifully unromantic\nSentiment: negative\n\n"
+            "Review: equals the original and in some ways even betters it\nSentiment: positive\n\n"
+            "Review: {text}\nIs the sentiment of this review positive or negative? Answer with one word.")
 
 
 def cpu_latency(art_path: Path, cfg: TrainStudentConfig, threads: int, n: int) -> dict:
@@ -57,7 +66,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a CPU smoke run: a few rows, a few steps")
-    ap.add_argument("--only", default="sst2_soft,sst2_gold,hellaswag")
+    ap.add_argument("--only", default="sst2_soft,sst2_gold,hellaswag,sst2_soft_fewshot")
     ap.add_argument("--sst2-train", type=int, default=20000)
     ap.add_argument("--hs-train", type=int, default=4000)
     ap.add_argument("--hs-eval", type=int, default=1000)
@@ -87,6 +96,7 @@ def main():
             "latency_examples": 2 if args.tiny else 64}
     runs = {
         "sst2_soft": {"task": "classification", "alpha": 1.0, "classification": sst2},
+        "sst2_soft_fewshot": {"task": "classification", "alpha": 1.0, "classification": {**sst2, "prompt": FEW_SHOT}},
         "sst2_gold": {"task": "classification", "alpha": 0.5, "classification": sst2},
         "hellaswag": {"task": "ranking", "alpha": 0.5, "ranking": {
             "train": {"source": str(work / "hs_train.jsonl"), "num_samples": args.hs_train},
