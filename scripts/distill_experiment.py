@@ -202,7 +202,9 @@ def main():
         for arm in args.arms.split(","):
             cfg = from_dict(TrainStudentConfig, {**common, **ARMS[arm], "seed": seed})
             t0 = time.perf_counter()
-            art = run_stage("train-student", cfg, work / f"{arm}_s{seed}", StageInputs(artifact=data, model=cfg.teacher))
+            path = work / f"{arm}_s{seed}"  # a finished arm (an earlier call) is scored, not retrained
+            art = read_artifact(path) if is_artifact(path) else run_stage(
+                "train-student", cfg, path, StageInputs(artifact=data, model=cfg.teacher))
             sm = art.manifest["summary"]
             row = {"arm": arm, "seed": seed, **ARMS[arm], "seconds": round(time.perf_counter() - t0, 1),
                    **{k: sm.get(k) for k in ("train_rows", "eval_rows", "final_loss", "tokens_per_s",
@@ -223,7 +225,7 @@ def main():
     wiki_ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
     if args.wiki_tokens:
         wiki_ids = wiki_ids[:args.wiki_tokens]
-    gsm_rows = load_rows("builtin:gsm8k_test_250")[:args.gsm8k_test]  # the first 250 GSM8K test questions
+    gsm_rows = load_rows("builtin:gsm8k_test")[:args.gsm8k_test]  # the first 250 GSM8K test questions
     if not args.skip_reference:
         result["scores"].append(score("teacher", teacher, teacher, tok, held_out, cfg, wiki_ids, gsm_rows, args))
         untrained = build_student(teacher, 2).to(teacher.device)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Call B: distill-data (>= 2,000 prompts), seed 0 of the three arms one after another (their tokens/s and peak
+# Call B (after a call that copied the first 57 MB of the GGUF to /tmp/g/part0): distill-data (>= 2,000 prompts), seed 0 of the three arms one after another (their tokens/s and peak
 # memory are the reported throughput), the teacher and the untrained student as references; everything scored.
 set -uo pipefail
 bash scripts/results/h100_distill/setup.sh || exit 1
