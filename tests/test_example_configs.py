@@ -5,7 +5,7 @@ import pytest
 from llmcompress.config import STAGE_CONFIGS, load_config
 from llmcompress.pipeline import load_pipeline
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def stage_of(path: Path) -> str:
