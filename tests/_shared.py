@@ -4,9 +4,35 @@ name reliably once several folders have one."""
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The one tiny random Llama of the suite, for mechanics-only tests (no download, seconds to build). Callers
+# override any LlamaConfig field; these defaults give a 2-layer, width-64 model with SmolLM2's vocabulary and
+# grouped-query attention (4 heads, 2 KV heads), as the embedded default has.
+TINY_LLAMA = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_llama(seed: int = 0, **config):
+    """A randomly initialised LlamaForCausalLM (eval mode, float32, CPU) from TINY_LLAMA updated by `config`;
+    the same seed and config always give the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config})).eval()
+
+
+def save_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, **config) -> Path:
+    """tiny_llama(seed, **config) saved as a Hugging Face model directory with the tokenizer of
+    `tokenizer_from` (the embedded default's, for its chat template)."""
+    from transformers import AutoTokenizer
+
+    tiny_llama(seed, **config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+    return Path(path)
 
 
 def shared_data(rel: str) -> Path:

@@ -7,27 +7,15 @@ import shutil
 import pytest
 import torch
 
+from _shared import save_tiny_llama, tiny_llama
 from llmcompress.config import CalibrateConfig, QuantizeConfig, load_config
 from llmcompress.errors import UserError
 from llmcompress.stages import STAGES, resolve_inputs, run_stage
 
 
-def tiny_llama(path, hidden=64, layers=2, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
 def tiny(tmp_path, smollm_path):
-    d = tiny_llama(tmp_path / "tiny")
-    for f in smollm_path.glob("tokenizer*"):
-        shutil.copy(f, d / f.name)
-    return d
+    return save_tiny_llama(tmp_path / "tiny", smollm_path)
 
 
 def calibrate(tmp_path, model_dir):
@@ -50,7 +38,8 @@ def test_calibration_of_another_model_is_refused(tmp_path, tiny):
     # the model at that path is replaced by one of another shape after calibration
     shutil.rmtree(tiny / "model.safetensors", ignore_errors=True)
     (tiny / "model.safetensors").unlink(missing_ok=True)
-    other = tiny_llama(tmp_path / "other", hidden=96, layers=3, seed=1)
+    other = tmp_path / "other"
+    tiny_llama(seed=1, hidden_size=96, intermediate_size=192, num_hidden_layers=3).save_pretrained(other)
     for f in other.iterdir():
         shutil.copy(f, tiny / f.name)
     cfg = load_config(QuantizeConfig, None, ["activations.dynamic=false", "model.device=cpu"])
