@@ -1,13 +1,16 @@
 """Helpers tests import by name (`from _shared import shared_data`); conftest.py files are not importable by
 name reliably once several folders have one."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the data folder the tests read (and pass explicitly to what they test): $LLMC_DATA_DIR, else ../shared/data
+# beside the checkout, as in the project's own layout
+SHARED_DATA = Path(os.environ.get("LLMC_DATA_DIR") or REPO.parent / "shared" / "data").expanduser()
 
 # The one tiny random Llama of the suite, for mechanics-only tests (no download, seconds to build). Callers
 # override any LlamaConfig field; these defaults give a 2-layer, width-64 model with SmolLM2's vocabulary and
@@ -36,10 +39,10 @@ def save_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, **config) -
 
 
 def shared_data(rel: str) -> Path:
-    """A file of ../shared/data; tests that need one skip visibly where a user's clone has none."""
+    """A file of SHARED_DATA; tests that need one skip visibly where a user's clone has none."""
     p = SHARED_DATA / rel
     if not p.exists():
-        pytest.skip(f"../shared/data/{rel} not present (tests read real data from ../shared beside the repo)")
+        pytest.skip(f"{p} not present (tests read real data from $LLMC_DATA_DIR, else ../shared/data)")
     return p
 
 
