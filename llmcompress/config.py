@@ -491,6 +491,9 @@ class QuantizeConfig:
     kv_cache: KVCacheQuantConfig = opt(factory=KVCacheQuantConfig, help="KV-cache quantization")
     include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize")
     exclude: list[str] = opt(factory=lambda: ["lm_head", "*embed*"], help="patterns kept in high precision")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype the checkpoint stores its unquantized tensors in (embeddings, norms, excluded Linears, "
+        "biases); auto = the source model's own (bfloat16 for the embedded default)")
     seed: int = opt(0, "seed for anything random")
 
 

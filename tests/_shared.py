@@ -28,12 +28,13 @@ def tiny_llama(seed: int = 0, **config):
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config})).eval()
 
 
-def save_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, **config) -> Path:
-    """tiny_llama(seed, **config) saved as a Hugging Face model directory with the tokenizer of
+def save_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **config) -> Path:
+    """tiny_llama(seed, **config) saved in `dtype` as a Hugging Face model directory with the tokenizer of
     `tokenizer_from` (the embedded default's, for its chat template)."""
     from transformers import AutoTokenizer
 
-    tiny_llama(seed, **config).save_pretrained(path)
+    tiny_llama(seed, **config).to(dtype).save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
     return Path(path)
 
