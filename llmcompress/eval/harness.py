@@ -18,8 +18,8 @@ import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
-from unittest import mock
 from typing import Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
