@@ -358,6 +358,11 @@ class ActivationQuantConfig:
     observer: Literal["minmax", "percentile", "mse", "kl"] = opt("minmax", "observer for static scales")
     percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
 
+    @property
+    def static(self) -> bool:
+        """Static per-tensor input scales (observed in calibration) rather than per-token ones at run time."""
+        return self.format != "none" and not self.dynamic
+
 
 @dataclass
 class KVCacheQuantConfig:
@@ -373,18 +378,15 @@ def _default_algo_data() -> DataConfig:
 class GPTQConfig:
     damp: float = opt(0.01, "percdamp: λ = damp · mean(diag H) added to H's diagonal before inverting", ge=0.0)
     block_size: int = opt(128, "columns per lazy batch update (GPTQ's blocksize)", ge=1)
-    act_order: bool = opt(True, "quantize columns in order of decreasing diag(H) (activation order; on the "
-                          "embedded default W4 g64 sym: ppl 26.6 with it, 31.0 without)")
+    act_order: bool = opt(True, "quantize columns in order of decreasing diag(H) (activation order)")
     static_groups: bool = opt(False, "fix every group's scale from the original W before any update; act_order "
                               "always does, so groups stay contiguous in the checkpoint (no g_idx) for the kernels")
     true_sequential: bool = opt(True, "within a decoder layer, quantize q/k/v, then o, then gate/up, then down, "
                                 "each on inputs produced by the already-quantized sublayers")
     refit_scales: bool = opt(True, "after GPTQ, re-solve each row's scales for the chosen codes by least squares "
-                             "on the same damped Hessian (a row keeps its old scales unless the error drops; embedded "
-                             "default W4 g64 sym, 8 WikiText windows: ppl 23.9 with it, 24.4 without)")
+                             "on the same damped Hessian (a row keeps its old scales unless the error drops)")
     normalize_tokens: bool = opt(True, "build H from unit-norm input rows, so every calibration token weighs the "
-                                 "same (the plain H is dominated by the few huge-norm tokens: attention sinks; "
-                                 "W4 g64 sym: 23.9 with it, 24.4 without; 23.7 with both)")
+                                 "same (the plain H is dominated by the few huge-norm tokens: attention sinks)")
 
     def check(self):
         if self.block_size % 2:
@@ -393,77 +395,24 @@ class GPTQConfig:
 
 @dataclass
 class AWQConfig:
-    grid: int = opt(20, "number of α values searched in [0, 1) for s = x̄^α (α = 0 is scale 1)", ge=1)
-    duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α (unused "
-                            "with both_scalings)")
-    both_scalings: bool = opt(True, "search the α grid of both s = x̄^α / w̄^(1−α) and s = x̄^α (embedded default "
-                              "W4 g128 sym with clip + refit: ppl 26.8 with it, 27.5 without)")
+    grid: int = opt(20, "number of α values searched in [0, 1) for each of s = x̄^α / w̄^(1−α) and s = x̄^α "
+                    "(α = 0 is scale 1)", ge=1)
     gptq: bool = opt(False, "quantize the scaled weights with GPTQ (settings from gptq.*) instead of RTN")
     clip: bool = opt(True, "after scaling, clip each group's weights to the max |w| that minimises its output "
-                     "error (AWQ's clip search; group granularity only; g128 sym with refit: 26.8 with it, "
-                     "27.5 without)")
-    refit_scales: bool = opt(True, "after scaling and clipping, keep each row's RTN codes and re-solve its group "
-                             "scales by least squares on the unit-norm input rows' Gram matrix (as gptq."
-                             "refit_scales; min-max observer, which gives them back; g128 sym: 27.7 with it, "
-                             "29.1 without)")
-    group_rounds: int = opt(0, "after the α grid, rounds of coordinate descent in which each quantization group "
-                            "of input channels takes its own α from the same grid (the Gram loss, with the other "
-                            "groups fixed; never a worse loss; 3x slower); 0: one α per Linear group, as AWQ (g128 "
-                            "sym on an H100, unperturbed / seed 1: 26.91 / 26.54; with clip_qk and normalize_tokens "
-                            "26.18 / 26.11 / 26.67 / 26.70 on seeds 0-3, mean 26.41)", ge=0)
+                     "error (AWQ's clip search; group granularity only)")
     clip_qk: bool = opt(False, "also clip q_proj and k_proj (AutoAWQ does not: attention logits amplify their "
-                        "error; g128 sym on an H100, unperturbed / seed 1: 26.94 / 26.22, with normalize_tokens "
-                        "26.61 / 26.21, against 26.49 / 27.46 without)")
+                        "error)")
     clip_tokens: int = opt(512, "calibration rows (evenly spaced among the search_tokens sampled) the clip search "
-                           "scores each clip on (g128 sym on CPU: 4096 gave 26.61 / 26.36 unperturbed / "
-                           "perturbed seed 1, against 26.70 / 26.48 with 512)", ge=16)
-    clip_refit: bool = opt(False, "clip + refit_scales: score each clip candidate by its RTN codes under the "
-                           "least-squares group scale the refit will give them (on the refit's unit-norm H), "
-                           "instead of by its error at the min-max scale (g128 sym on CPU: 27.2 with it, 26.7 "
-                           "without)")
-    refit_rounds: int = opt(1, "refit_scales: rounds of (round to the codes of the current scales, refit)", ge=1)
-    refit_in_search: bool = opt(False, "refit_scales: score each candidate s with RTN + the refit (2-4x slower; "
-                                "unstable: with normalize_tokens, g128 sym 26.3 on one calibration sample, 32.3 on "
-                                "another)")
-    clip_in_search: bool = opt(False, "score each candidate s with the clip search it will then get (groups "
-                               "without q/k; the plain clip search, also under clip_refit; about 10x slower: g128 sym on an H100 26.64 / 26.37 / 26.58 / 26.41 on "
-                               "four weight perturbations, mean 26.50, against 26.49 / 27.46 / 26.52 / 26.56, mean "
-                               "26.76)")
-    refit_damp: float = opt(0.01, "refit_scales: λ = refit_damp · mean(diag H) added to H's diagonal", ge=0.0)
-    gqa_scales: bool = opt(False, "under grouped-query attention, give o_proj AWQ scales tied per v_proj channel "
-                           "(folded into v_proj) instead of none (g128 sym 26.5 / 27.0 on two calibration samples "
-                           "vs 26.8 / 26.8 without)")
-    unscaled_groups: bool = opt(True, "also clip / refit the Linears whose producer cannot take AWQ's scales "
-                                "(o_proj under GQA), which otherwise get plain RTN")
-    sequential_inputs: bool = opt(False, "search, clip and refit each group of a layer on the inputs produced "
-                                  "with the layer's earlier groups already at their quantized weights (o_proj after "
-                                  "q/k/v, gate/up after the attention, down_proj after gate/up), instead of on the "
-                                  "float layer's (g128 sym on CPU: 27.1 with it, 26.7 without)")
+                           "scores each clip on", ge=16)
+    refit_scales: bool = opt(True, "after scaling and clipping, keep each row's RTN codes and re-solve its group "
+                             "scales by least squares on the unit-norm input rows' Gram matrix (as "
+                             "gptq.refit_scales)")
+    group_rounds: int = opt(0, "after the α grid, rounds of coordinate descent in which each quantization group "
+                            "of input channels takes its own α from the same grid (never a worse loss; about 3x "
+                            "slower); 0: one α per group of Linears, as AWQ", ge=0)
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
     normalize_tokens: bool = opt(False, "score α and the clip search on unit-norm input rows, so every "
-                                 "calibration token weighs the same (as gptq.normalize_tokens; no gain measured)")
-    keep_first_tokens: bool = opt(False, "always include each calibration sequence's first token (the attention "
-                                  "sink) among the search_tokens rows")
-    loss: Literal["linear", "layer", "block"] = opt("linear", "what α is scored on: the group's own Linear "
-                                                    "outputs; the decoder layer's output (the others in float; no "
-                                                    "gain measured, slower); or the output of the block the group "
-                                                    "feeds (AutoAWQ's module2inspect: q/k/v on the attention output "
-                                                    "after o_proj, gate/up on the MLP output after down_proj; "
-                                                    "o_proj and down_proj on their own; g128 sym on CPU: 27.0, "
-                                                    "against 26.7 for linear; 2x slower)")
-    guided: bool = opt(False, "weigh every error AWQ minimises (α search, clip search, scale refit) by the "
-                       "calibration loss's gradients at the Linear's output (one backward pass first; rank-one "
-                       "Fisher: per-token a_t^γ · per-channel b_n, as GuidedQuant) instead of every token and "
-                       "output channel alike (g128 sym on an H100, unperturbed / perturbed seed 1: 26.69 / 26.73 "
-                       "with γ = 0.5, 26.52 / 26.65 with γ = 0, 27.42 / 26.94 with γ = 1, against 26.49 / 27.46 "
-                       "without)")
-    guided_tokens: float = opt(0.5, "awq.guided: exponent γ on the per-token weights, a_t^γ (1: the rank-one "
-                               "Fisher as it is, which on 20k calibration tokens puts most weight on a few dozen "
-                               "tokens in the early layers; 0: output channels only)", ge=0.0, le=1.0)
-    block_tokens: int = opt(2048, "calibration tokens the block loss runs on (loss: block): sampled rows for the "
-                            "MLP, whole batches spread over the length-sorted set for the attention", ge=16)
-    loss_batches: int = opt(4, "calibration batches (spread over the length-sorted set) the layer loss runs on "
-                            "(loss: layer)", ge=1)
+                                 "calibration token weighs the same (as gptq.normalize_tokens)")
 
 
 @dataclass
@@ -495,6 +444,31 @@ class QuantizeConfig:
         "auto", "dtype the checkpoint stores its unquantized tensors in (embeddings, norms, excluded Linears, "
         "biases); auto = the source model's own (bfloat16 for the embedded default)")
     seed: int = opt(0, "seed for anything random")
+
+    def check(self):
+        """What cannot work, refused before any work (the nested sections checked their own keys already)."""
+        w, a = self.weights, self.activations
+        if w.format == "none":
+            raise Invalid("weights.format", "int8, int4 or fp8 ('none' leaves nothing to quantize; KV-cache-only "
+                          "quantization is not implemented)", w.format)
+        from llmcompress.quant.quantize import weight_spec  # lazy: the schema module stays free of torch
+
+        try:
+            weight_spec(w)
+        except ValueError as e:
+            raise Invalid("weights", f"a servable weight format ({e})") from None
+        if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
+            raise Invalid("weights.group_size", "an even group size for int4 (two codes per byte)", w.group_size)
+        if a.format == "int8":
+            if w.format != "int8":
+                raise Invalid("activations.format", f"none for {w.format} weights: int8 activations run on the "
+                              f"W8A8 int8 kernel and need weights.format int8", a.format)
+            if not w.symmetric or w.granularity == "group":
+                raise Invalid("weights", "W8A8 needs symmetric per-channel or per-tensor weights "
+                              "(weights.symmetric: true, weights.granularity: channel)")
+        if a.format == "fp8" and w.format != "fp8":
+            raise Invalid("activations.format", "none or weights.format fp8: fp8 activations need fp8 weights",
+                          a.format)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from llmcompress.kernels.reference import pack_int4, unpack_int4
 
 from . import fp8
 from .formats import SCALE_DTYPES, QuantSpec, dequantize, to_uint4, zero_to_uint4
-from .rtn import QuantizedWeight
+from .formats import QuantizedWeight
 
 INT8_ACT_MAX = 127.0  # the kernels' symmetric per-token int8 range is ±127
 

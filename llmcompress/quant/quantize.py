@@ -1,10 +1,10 @@
 """The `llmc quantize` stage: a float model (and, for static activation scales, a calibration artifact) in,
 a quantized checkpoint out, with a per-layer error table and the size before/after.
 
-Library use, without artifacts:   qmodel, rows = quantize_model(model, QuantizeConfig(...))
-Algorithms plug in through METHODS: a method maps (model, {name: Linear}, spec, make_observer, reporter) to
-{name: QuantizedWeight}; RTN quantizes each Linear on its own, GPTQ/AWQ may run layer by layer on calibration
-data (see layerwise.py). Everything after that (QuantLinear swap, checkpoint, report) is shared.
+Library use, without artifacts:   rows = quantize_model(model, load_config(QuantizeConfig, overrides=[...]))
+The config is validated where it is loaded (QuantizeConfig.check). Without calibration data every Linear is
+rounded on its own (RTN); the methods that need calibration inputs run in the layer loop (sequential.py,
+algorithms/). Everything after that (QuantLinear swap, checkpoint, report) is shared.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .formats import QuantSpec
 from .kvcache import apply_kv_quant, kv_config
 from .observers import Observer, make_observer
 from .qlinear import INT8_ACT_MAX, QuantLinear, Scheme, int4_layout_group_size
-from .rtn import QuantizedWeight, error_stats, quantize_weight
+from .rtn import error_stats, quantize_weight
 from .sequential import needs_calibration_data, run_on_calibration_data
 
 FP8_ACT_MAX = 448.0
@@ -46,33 +46,6 @@ def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
     kwargs = {"percentile": {"percentile": w.percentile}, "clip": {"threshold": w.clip_threshold},
               "mse": {}, "minmax": {}, "kl": {}}[w.observer]
     return lambda spec: make_observer(w.observer, spec, **kwargs)
-
-
-def check_config(cfg: QuantizeConfig, has_calibration: bool) -> None:
-    """Refuse, before any work, what cannot work; everything else (ragged groups included) is served."""
-    w, a = cfg.weights, cfg.activations
-    if cfg.method not in METHODS and cfg.method not in SEQUENTIAL_METHODS:
-        raise UserError(f"method: {cfg.method!r} is not implemented yet; available: "
-                        f"{', '.join([*METHODS, *SEQUENTIAL_METHODS])}")
-    if w.format == "none":
-        raise UserError("weights.format: 'none' leaves nothing to quantize (KV-cache-only quantization is not "
-                        "implemented yet)")
-    try:
-        weight_spec(w)
-    except ValueError as e:
-        raise UserError(f"weights: {e}") from None
-    if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
-        raise UserError(f"weights.group_size: int4 needs an even group size (two codes per byte), got "
-                        f"{w.group_size}")
-    if a.format == "int8":
-        if w.format != "int8":
-            raise UserError(f"activations.format: int8 activations run on the W8A8 int8 kernel and need "
-                            f"weights.format int8, got {w.format!r} (use activations.format: none for W4A16)")
-        if not w.symmetric or w.granularity == "group":
-            raise UserError("weights: W8A8 needs symmetric per-channel or per-tensor weights "
-                            "(weights.symmetric: true, weights.granularity: channel)")
-    if a.format == "fp8" and w.format != "fp8":
-        raise UserError(f"activations.format: fp8 activations need weights.format fp8, got {w.format!r}")
 
 
 def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme:
@@ -95,19 +68,6 @@ def check_finite(linears: dict[str, nn.Linear]) -> None:
            if not torch.isfinite(m.weight).all()]
     if bad:
         raise UserError(f"NaN/Inf in the weights of {len(bad)} layer(s): {', '.join(bad[:10])}; nothing written")
-
-
-# ------------------------------------------------------------------------------------------ methods
-
-def rtn(model, linears, spec, new_observer, reporter) -> dict[str, QuantizedWeight]:
-    return {name: quantize_weight(lin.weight, spec, new_observer(spec))
-            for name, lin in reporter.track(list(linears.items()), description="quantize (rtn)")}
-
-
-METHODS: dict[str, Callable[..., dict[str, QuantizedWeight]]] = {"rtn": rtn}
-# Methods that need calibration data run layer by layer in sequential.py (it also does SmoothQuant, static
-# activation scales without a calibration artifact, and KV-cache scales, for any method).
-SEQUENTIAL_METHODS = ("gptq", "awq")
 
 
 # ------------------------------------------------------------------------------------------ the work
@@ -141,29 +101,27 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
                    reporter: Optional[Reporter] = None, tokenizer=None) -> list[dict]:
     """Swap the selected Linears of `model` (in place) for QuantLinear; returns the per-layer error table."""
     reporter = reporter or Reporter()
-    check_config(cfg, stats is not None)
     linears = select_linears(model, cfg.include, cfg.exclude)
     if not linears:
         raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
     check_finite(linears)
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
-    static = cfg.activations.format != "none" and not cfg.activations.dynamic
-    # ---- calibration-data algorithms (GPTQ / AWQ / SmoothQuant / KV cache: sequential.py) ----
+    new_observer = observer_factory(cfg.weights)
     seq = None
     if needs_calibration_data(cfg, stats is not None):
         if tokenizer is None:
             raise UserError(f"method {cfg.method!r} (or smoothquant / kv_cache / static scales without a "
                             f"calibration artifact) needs calibration data: pass the tokenizer")
-        seq = run_on_calibration_data(model, tokenizer, linears, spec, observer_factory(cfg.weights), cfg, reporter)
+        seq = run_on_calibration_data(model, tokenizer, linears, spec, new_observer, cfg, reporter)
         qweights = seq.qweights
     else:
-        qweights = METHODS[cfg.method](model, linears, spec, observer_factory(cfg.weights), reporter)
-    if static:  # scales seen by the sequential pass are those of the (smoothed, quantized) model actually run
+        qweights = {name: quantize_weight(lin.weight, spec, new_observer(spec))
+                    for name, lin in reporter.track(list(linears.items()), description="quantize (rtn)")}
+    if cfg.activations.static:  # scales seen by the layer loop are those of the (smoothed, quantized) model run
         input_scales = seq.input_scales if seq is not None else static_input_scales(cfg, list(linears), stats)
     else:
         input_scales = {}
-    # ---- end calibration-data algorithms ----
     rows = []
     for name, lin in linears.items():
         qw = qweights[name]
@@ -198,14 +156,13 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     stats = calib.CalibrationStats.open(inputs.calibration.path) if inputs.calibration is not None else None
-    check_config(cfg, stats is not None)
     model_cfg = inputs.model or cfg.model
     model, tok = load_model(model_cfg)
     dense_bytes = _bytes(model)
     rows = quantize_model(model, cfg, stats, reporter, tok)
     config = {"weights": asdict(cfg.weights), "activations": asdict(cfg.activations),
               "kv_cache": kv_config(model) or asdict(cfg.kv_cache), "include": cfg.include, "exclude": cfg.exclude}
-    if cfg.method in SEQUENTIAL_METHODS:
+    if cfg.method in ("gptq", "awq"):
         config[cfg.method] = asdict(getattr(cfg, cfg.method))
     if cfg.method == "awq" and cfg.awq.gptq:
         config["gptq"] = asdict(cfg.gptq)
