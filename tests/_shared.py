@@ -1,6 +1,8 @@
 """Helpers tests import by name (`from _shared import shared_data`); conftest.py files are not importable by
 name reliably once several folders have one."""
 
+from __future__ import annotations
+
 import os
 from pathlib import Path
 
@@ -28,14 +30,15 @@ def tiny_llama(seed: int = 0, **config):
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config})).eval()
 
 
-def save_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    **config) -> Path:
-    """tiny_llama(seed, **config) saved in `dtype` as a Hugging Face model directory with the tokenizer of
-    `tokenizer_from` (the embedded default's, for its chat template)."""
+def save_tiny_llama(path: Path, tokenizer_from: Path | None = None, seed: int = 0,
+                    dtype: torch.dtype = torch.float32, **config) -> Path:
+    """tiny_llama(seed, **config) saved in `dtype` as a Hugging Face model directory, with the tokenizer of
+    `tokenizer_from` (the embedded default's, for its chat template) where given."""
     from transformers import AutoTokenizer
 
     tiny_llama(seed, **config).to(dtype).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+    if tokenizer_from is not None:
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
     return Path(path)
 
 
