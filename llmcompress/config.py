@@ -511,6 +511,9 @@ class QuantizeConfig:
     include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize",
                              min_len=1)
     exclude: list[str] = opt(factory=lambda: ["lm_head", "*embed*"], help="patterns kept in high precision")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype the checkpoint stores its unquantized tensors in (embeddings, norms, excluded Linears, "
+        "biases); auto = the source model's own (bfloat16 for the embedded default)")
     seed: int = opt(0, "seed for anything random")
 
     def check(self):
@@ -575,17 +578,20 @@ class PerplexityConfig:
 
 @dataclass
 class TasksConfig:
-    names: list[str] = opt(factory=list, help="lm-eval task names: the shipped local tasks (llmc_arc_easy, "
+    names: list[str] = opt(factory=list, help="lm-eval tasks: the shipped llmc_* tasks on local files (llmc_arc_easy, "
                            "llmc_arc_challenge, llmc_piqa, llmc_hellaswag, llmc_lambada_openai, llmc_boolq, "
-                           "llmc_gsm8k) or stock lm-eval tasks (need the hub)")
+                           "llmc_gsm8k), stock lm-eval names (arc_easy, hellaswag, ...; read the hub), a task YAML "
+                           "path, or a task of include_path")
     limit: Optional[int] = opt(None, "examples per task (quick runs)", ge=1)
     num_fewshot: Optional[int] = opt(None, "few-shot examples; null = each task's default", ge=0)
     batch_size: int = opt(8, "requests per forward pass", ge=1)
     max_gen_toks: int = opt(256, "generation cap for generative tasks whose config sets none", ge=1)
     bootstrap_iters: int = opt(1000, "bootstrap resamples for stderrs lm-eval cannot compute in closed form "
                                "(lm-eval's own default is 100000; 0 = none)", ge=0)
-    data_dir: Optional[str] = opt(None, "folder the llmc_* tasks read their files from; null = $LLMC_DATA_DIR, "
-                                  "else ../shared/data relative to the working directory")
+    data_dir: Optional[str] = opt(None, "folder the llmc_* tasks read their files from (arc/, piqa/, ...); null = "
+                                  "$LLMC_DATA_DIR")
+    include_path: Optional[str] = opt(None, "folder of your own lm-eval task YAMLs, whose task names tasks.names "
+                                      "may then use")
 
 
 @dataclass

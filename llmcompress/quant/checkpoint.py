@@ -72,11 +72,17 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, method: str = "rtn",
-                   config: Optional[dict] = None) -> dict:
-    """Write `model` (with QuantLinear modules swapped in) as a checkpoint; returns its quantization_config."""
+                   config: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Write `model` (with QuantLinear modules swapped in) as a checkpoint; returns its quantization_config.
+    `dtype`: what the unquantized tensors (parameters outside QuantLinear, QuantLinear biases) are stored in,
+    recorded as config.json's dtype; None keeps the model's own. Codes and scales keep their formats' dtypes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = _unique_state(model)
+    if dtype is not None:
+        dense = {n for n, _ in model.named_parameters()} | {
+            f"{n}.bias" for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bias is not None}
+        state.update({n: t.to(dtype) for n, t in state.items() if n in dense and t.is_floating_point()})
     bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t.float()).all()]
     if bad:
         raise UserError(f"refusing to write a checkpoint with NaN/Inf in: {', '.join(bad[:10])}"
@@ -86,6 +92,8 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, 
         qc["experts"] = experts_config(model)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg["quantization_config"] = qc
     # one metadata key only: safetensors writes a multi-key mapping in hash order, so bytes would differ per run
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -216,7 +216,7 @@ def _bytes(model: nn.Module) -> int:
 
 def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter] = None) -> dict:
     """Stage entry: writes the checkpoint (config.json, model.safetensors, tokenizer) and quant_report.json."""
-    from llmcompress.models import load_model
+    from llmcompress.models import load_model, source_dtype
 
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
@@ -233,7 +233,8 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
         config["gptq"] = asdict(cfg.gptq)
     if cfg.smoothquant.enabled:
         config["smoothquant"] = asdict(cfg.smoothquant)
-    save_quantized(model, out_dir, tok, cfg.method, config)
+    save_dtype = source_dtype(model_cfg) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+    save_quantized(model, out_dir, tok, cfg.method, config, dtype=save_dtype)
     bf16 = sum(r["bf16_bytes"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
     finite = [r["sqnr_db"] for r in rows if r["sqnr_db"] != float("inf")]
