@@ -109,16 +109,26 @@ def test_nan_weights_are_reported_by_layer_and_nothing_quantized():
     assert isinstance(model.a, nn.Linear)
 
 
-@pytest.mark.parametrize("c,msg", [
-    (cfg("int4", act="int8"), "need weights.format int8"),
-    (cfg("int4", gs=63), "even group size"),
-    (cfg("fp8", gran="channel", sym=False), "symmetric only"),
-    (cfg("int8", act="int8", gran="group"), "W8A8 needs symmetric per-channel"),
-    (QuantizeConfig(activations=ActivationQuantConfig(format="int8", dynamic=False)), "calibration data"),
+@pytest.mark.parametrize("over,msg", [
+    (["weights.format=int4", "activations.format=int8"], "need weights.format int8"),
+    (["weights.format=int4", "weights.granularity=group", "weights.group_size=63", "activations.format=none"],
+     "even group size"),
+    (["weights.format=fp8", "weights.symmetric=false", "activations.format=none"], "symmetric only"),
+    (["weights.granularity=group", "activations.format=int8"], "W8A8 needs symmetric per-channel"),
+    (["weights.format=none"], "leaves nothing to quantize"),
 ])
-def test_what_cannot_work_is_refused_before_any_work(c, msg):
+def test_what_cannot_work_is_refused_where_the_config_is_loaded(over, msg):
+    from llmcompress.config import load_config
+
     with pytest.raises(UserError, match=msg):
-        quantize_model(nn.Sequential(nn.Linear(8, 8)), c)
+        load_config(QuantizeConfig, overrides=over)
+
+
+def test_static_scales_without_calibration_data_are_refused_before_any_work():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(UserError, match="calibration data"):
+        quantize_model(model, QuantizeConfig(activations=ActivationQuantConfig(format="int8", dynamic=False)))
+    assert isinstance(model[0], nn.Linear)
 
 
 def test_ragged_group_is_served():
@@ -126,3 +136,31 @@ def test_ragged_group_is_served():
     rows = quantize_model(model, cfg("int4", gs=128))
     assert isinstance(model[0], QuantLinear) and model[0].scales.shape == (16, 5)
     assert rows[0]["sqnr_db"] > 15
+
+
+@pytest.mark.parametrize("save_dtype,stored", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_checkpoint_keeps_the_source_dtype_unless_asked(tmp_path, smollm_path, save_dtype, stored):
+    """A bf16 model quantized in float32 (as on CPU) is stored bf16 outside its codes and scales; save_dtype
+    overrides that. The stored tensors are the model's own, rounded to that dtype."""
+    from safetensors import safe_open
+
+    from _shared import save_tiny_llama
+    from llmcompress.config import load_config
+    from llmcompress.models import EMBEDDED_DTYPE, load_model, source_dtype
+    from llmcompress.stages import STAGES, resolve_inputs, run_stage
+
+    src = save_tiny_llama(tmp_path / "tiny", smollm_path, dtype=torch.bfloat16)
+    assert source_dtype(load_config(QuantizeConfig, overrides=[f"model.name={src}"]).model) == torch.bfloat16
+    assert source_dtype(QuantizeConfig().model) == EMBEDDED_DTYPE == torch.bfloat16
+    c = load_config(QuantizeConfig, overrides=[f"model.name={src}", "model.device=cpu", "model.dtype=float32",
+                                               "weights.format=int4", "weights.granularity=group",
+                                               "weights.group_size=32", "activations.format=none",
+                                               f"save_dtype={save_dtype}"])
+    art = run_stage("quantize", c, tmp_path / "q", resolve_inputs(STAGES["quantize"], c, None, print))
+    with safe_open(str(art.path / "model.safetensors"), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+        assert embed.dtype == stored and f.get_tensor("model.norm.weight").dtype == stored
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.uint8
+    model, _ = load_model(str(src), device="cpu", dtype="float32")
+    assert torch.equal(embed, model.model.embed_tokens.weight.to(stored))
+    assert load_quantized(art.path).dtype == stored  # config.json records what the tensors are
