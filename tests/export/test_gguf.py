@@ -163,7 +163,7 @@ def test_q4_1_rtn_is_llama_cpp_quantizer_bit_for_bit(smollm):
 def test_gptq_stays_on_the_q4_1_grid_and_beats_rtn(act_order):
     """GPTQ with a float offset: Ŵ is a fixed point of the q4_1 quantizer (so it packs without re-rounding), with
     fp16 d and m, and its layer error is below RTN's."""
-    from llmcompress.quant.gptq import gptq_quantize, layer_error
+    from llmcompress.quant.algorithms.gptq import gptq_quantize, layer_error
     from llmcompress.quant.observers import MinMaxObserver
     from llmcompress.quant.rtn import quantize_weight
 

@@ -2,7 +2,7 @@
 through transformers' GGUF loader): llama.cpp's own round-to-nearest against GPTQ / AWQ run on the GGUF grid
 (groups of 32 with fp16 scales: sym int4 = q4_0, int4 with a float zero point = q4_1, sym int8 = q8_0) and copied into the file without re-rounding.
 
-    nice -n 10 python scripts/gguf_gptq_vs_rtn.py --out runs/gguf_bench [--max-tokens 8192] [--types q4_0 q4_1] [--methods gptq awq rtn]
+    nice -n 10 python benchmarks/gguf_gptq_vs_rtn.py --out runs/gguf_bench [--max-tokens 8192] [--types q4_0 q4_1] [--methods gptq awq rtn]
 
 Writes <out>/results.json and prints one row per file.
 """
