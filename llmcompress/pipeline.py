@@ -17,7 +17,7 @@ from .errors import ConfigError, UserError
 from .progress import Reporter
 from .stages import STAGES, cache_key, resolve_inputs, run_stage, up_to_date
 
-StageName = Literal["distill-data", "train-student", "calibrate", "quantize", "evaluate"]
+StageName = Literal["distill-data", "train-student", "calibrate", "quantize", "evaluate", "export"]
 
 
 @dataclass
