@@ -32,9 +32,15 @@ def _source(cfg: ExportConfig, inputs) -> Path:
 
 
 def _is_llmc_checkpoint(src: Path) -> bool:
-    from llmcompress.models import is_quantized_dir
+    import json
 
-    return is_quantized_dir(src)
+    from llmcompress.models import QUANT_METHOD
+
+    try:
+        qc = json.loads((src / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return qc.get("quant_method") == QUANT_METHOD
 
 
 def check(cfg: ExportConfig, inputs) -> None:

@@ -43,6 +43,8 @@ from .qlinear import QuantLinear, Scheme
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+# quantization_config.quant_method of other tools' checkpoints that load_quantized also reads
+FOREIGN_METHODS = ("compressed-tensors", "gptq", "awq")
 
 
 def quantization_config(modules: dict[str, Scheme], method: str = "rtn", config: Optional[dict] = None) -> dict:
@@ -117,14 +119,22 @@ def swap_in(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                    dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Rebuild the model of a checkpoint written by `save_quantized`: float modules in `dtype` (default: the
-    dtype recorded in config.json), QuantLinear modules with the stored tensors, bit for bit."""
+    """Rebuild the model of a checkpoint written by `save_quantized` (or a compressed-tensors, GPTQ or AWQ
+    checkpoint, read as ours): float modules in `dtype` (default: the dtype recorded in config.json), QuantLinear
+    modules with the stored tensors, bit for bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    qc = read_quantization_config(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    foreign = (raw.get("quantization_config") or {}).get("quant_method") in FOREIGN_METHODS
+    if foreign:  # another tool's layout, read as ours (llmcompress/export/)
+        from llmcompress.export.imports import translate
+
+        qc, state = translate(path, raw)
+    else:
+        qc = read_quantization_config(path)
+        state = None
     raw.pop("quantization_config")
     model_type = raw.pop("model_type", None)
     if model_type is None:
@@ -143,7 +153,8 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         scheme = Scheme.from_dict(scheme_dict)
         swap_in(model, name, QuantLinear(linear.in_features, linear.out_features, scheme,
                                          bias=linear.bias is not None, dtype=dtype))
-    state = load_file(str(path / WEIGHTS_FILE))
+    if state is None:
+        state = load_file(str(path / WEIGHTS_FILE))
     expected = set(model.state_dict())
     missing = expected - set(state)
     result = model.load_state_dict(state, strict=False, assign=True)
