@@ -155,6 +155,8 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
                                          bias=linear.bias is not None, dtype=dtype))
     if state is None:
         state = load_file(str(path / WEIGHTS_FILE))
+    for key in [k for k in state if k.endswith(".input_perm")]:  # GPTQ act-order read as ours (gptq_import.py)
+        permute_inputs(model.get_submodule(key.rsplit(".", 1)[0]), state.pop(key))
     expected = set(model.state_dict())
     missing = expected - set(state)
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -178,6 +180,12 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         model.tie_weights()
     restore_kv_quant(model, qc.get("config", {}).get("kv_cache"))  # KV-cache scales recorded by kvcache.py
     return model.to(device).eval()
+
+
+def permute_inputs(module: nn.Module, perm: torch.Tensor) -> None:
+    """The module's stored columns are the input columns in the order `perm`: it computes on x[..., perm]."""
+    module.register_buffer("input_perm", perm.long(), persistent=False)
+    module.register_forward_pre_hook(lambda m, args: (args[0].index_select(-1, m.input_perm), *args[1:]))
 
 
 def _tied_key(model: nn.Module, key: str) -> bool:
