@@ -38,7 +38,7 @@ from .ct_packing import pack_int32
 
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose writer this layout was checked against
 WEIGHTS_FILE = "model.safetensors"
-_NOT_COPIED = {"config.json", WEIGHTS_FILE, "manifest.json", "quant_report.json"}
+_NOT_COPIED = {"config.json", WEIGHTS_FILE, "llmcompress.safetensors", "manifest.json", "quant_report.json"}
 
 
 # ------------------------------------------------------------------------------------------ schemes
@@ -245,7 +245,9 @@ def write(src: Path, out: Path) -> dict:
     if why:
         raise UserError(f"{src}: {why}")
     kv = qc.get("config", {}).get("kv_cache")
-    state = load_file(str(src / WEIGHTS_FILE))
+    from llmcompress.quant.checkpoint import weights_file
+
+    state = load_file(str(weights_file(src)))
     tensors: dict[str, torch.Tensor] = {}
     taken = set()
     for name, s in modules.items():

@@ -2,7 +2,7 @@
 
     config.json              the model's config plus `quantization_config` (below)
     generation_config.json, tokenizer files
-    model.safetensors        every tensor of the model's state dict (tied weights stored once); the
+    llmcompress.safetensors  every tensor of the model's state dict (tied weights stored once); the
                              QuantLinear buffers of each quantized module `<name>`:
         int8  <name>.w_q int8 [N, K]; <name>.w_scale float32 [N] (per channel; per tensor is stored
               broadcast to [N]) or [N, G] (per group); <name>.w_zero int8, same shape (asymmetric only)
@@ -42,7 +42,11 @@ from .qlinear import QuantLinear, Scheme
 
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
+# Not model.safetensors: plain transformers (and vLLM) know no "llmcompress" quant_method, skip it with a warning
+# and would fill every Linear with random weights (ppl 1e16) from a file they half understand. Without a
+# model.safetensors they refuse ("no file named model.safetensors"). `llmc export` writes what they load.
+WEIGHTS_FILE = "llmcompress.safetensors"
+LEGACY_WEIGHTS_FILE = "model.safetensors"  # checkpoints written before the rename
 # quantization_config.quant_method of other tools' checkpoints that load_quantized also reads
 FOREIGN_METHODS = ("compressed-tensors", "gptq", "awq")
 
@@ -91,6 +95,12 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, 
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return qc
+
+
+def weights_file(path: Union[str, Path]) -> Path:
+    """The tensors file of one of our checkpoints (llmcompress.safetensors, or model.safetensors if older)."""
+    p = Path(path) / WEIGHTS_FILE
+    return p if p.is_file() or not (Path(path) / LEGACY_WEIGHTS_FILE).is_file() else Path(path) / LEGACY_WEIGHTS_FILE
 
 
 def read_quantization_config(path: Union[str, Path]) -> dict:
@@ -153,20 +163,21 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         scheme = Scheme.from_dict(scheme_dict)
         swap_in(model, name, QuantLinear(linear.in_features, linear.out_features, scheme,
                                          bias=linear.bias is not None, dtype=dtype))
+    wfile = path / LEGACY_WEIGHTS_FILE if foreign else weights_file(path)
     if state is None:
-        state = load_file(str(path / WEIGHTS_FILE))
+        state = load_file(str(wfile))
     for key in [k for k in state if k.endswith(".input_perm")]:  # GPTQ act-order read as ours (gptq_import.py)
         permute_inputs(model.get_submodule(key.rsplit(".", 1)[0]), state.pop(key))
     expected = set(model.state_dict())
     missing = expected - set(state)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise UserError(f"{path / WEIGHTS_FILE}: unexpected tensors {result.unexpected_keys[:5]}")
+        raise UserError(f"{wfile}: unexpected tensors {result.unexpected_keys[:5]}")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     still_missing = [k for k in missing if not _tied_key(model, k)]
     if still_missing:
-        raise UserError(f"{path / WEIGHTS_FILE}: missing tensors {sorted(still_missing)[:5]}")
+        raise UserError(f"{wfile}: missing tensors {sorted(still_missing)[:5]}")
     # assign=True keeps stored dtypes; float parameters follow the requested compute dtype
     for mod in model.modules():
         if isinstance(mod, QuantLinear):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _export_cli import error_line
 
 from llmcompress.config import ActivationQuantConfig, KVCacheQuantConfig, QuantizeConfig, WeightQuantConfig
 from llmcompress.export import compressed_tensors as ct
@@ -201,6 +202,8 @@ def test_plain_transformers_loads_the_export(name, checkpoints, exports, plain):
     rel = ((logits - theirs["logits"]).norm() / logits.norm()).item()
     assert rel < 1e-3, rel
     ppl_ours, ppl_theirs = math.exp(nll / theirs["count"]), math.exp(theirs["nll"] / theirs["count"])
+    print(f"\n{name}: logits rel L2 {rel:.2e}; ppl ours {ppl_ours:.4f}, transformers {ppl_theirs:.4f} "
+          f"({100 * (ppl_theirs / ppl_ours - 1):+.4f}%)")
     assert abs(ppl_theirs / ppl_ours - 1) < 0.002, (ppl_ours, ppl_theirs)
 
 
@@ -266,7 +269,7 @@ def test_ragged_group_is_refused_with_the_nearest_working_size(smollm, tmp_path,
     why = ct.problem(src)
     assert why.startswith("weights.group_size: 128 does not divide in_features 576") and "group_size: 96" in why
     r = llmc("export", "--input", str(src), "--output", str(tmp_path / "out"), cwd=tmp_path)
-    assert r.returncode == 2 and "group_size: 96" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and "group_size: 96" in error_line(r.stderr), r.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -283,7 +286,7 @@ def test_bad_compressed_tensors_input_is_one_line_exit_2(exports, tmp_path, llmc
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     r = llmc("eval", "--input", str(bad), "--output", str(tmp_path / "ev"), "--set", "ppl.max_tokens=64",
              cwd=tmp_path)
-    assert r.returncode == 2 and key in r.stderr and "shape" in r.stderr, r.stderr
+    assert r.returncode == 2 and key in error_line(r.stderr) and "shape" in error_line(r.stderr), r.stderr
     assert not (tmp_path / "ev").exists()
     cfg = json.loads((exports["w4g64"] / "config.json").read_text())
     cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 3
@@ -292,4 +295,16 @@ def test_bad_compressed_tensors_input_is_one_line_exit_2(exports, tmp_path, llmc
     (bad / "config.json").write_text(json.dumps(cfg))
     r = llmc("eval", "--input", str(bad), "--output", str(tmp_path / "ev"), "--set", "ppl.max_tokens=64",
              cwd=tmp_path)
-    assert r.returncode == 2 and "num_bits=3" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and "num_bits=3" in error_line(r.stderr), r.stderr
+
+
+def test_plain_transformers_refuses_our_own_checkpoint(checkpoints):
+    """Our own layout (which a ragged group needs) must never load as random weights: transformers finds no
+    model.safetensors and stops."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('LOADED')")
+    r = subprocess.run([sys.executable, "-c", code, str(checkpoints["w4g64_asym"])], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "LOADED" not in r.stdout
+    assert "no file named model.safetensors" in r.stderr, r.stderr[-500:]

@@ -94,7 +94,7 @@ def test_same_config_gives_byte_identical_checkpoint(smollm, tmp_path):
         quantize_model(qmodel, c)
         save_quantized(qmodel, tmp_path / run, tok, "rtn", {"weights": "int8"})
         digests.append([hashlib.sha256((tmp_path / run / f).read_bytes()).hexdigest()
-                        for f in ("model.safetensors", "config.json")])
+                        for f in ("llmcompress.safetensors", "config.json")])
     assert digests[0] == digests[1]
 
 
