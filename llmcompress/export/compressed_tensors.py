@@ -97,6 +97,9 @@ def ct_problem(modules: dict[str, dict], in_features: dict[str, int]) -> Optiona
                 f"which compressed-tensors cannot hold; nearest that works: weights.group_size: "
                 f"{nearest_group_size(gs, widths)} (divides {', '.join(map(str, widths))})")
     for name, s in modules.items():
+        if s.get("float_zero"):
+            return (f"quantization_config.modules.{name}.float_zero: a float zero point (GGUF q4_1's offset) has no "
+                    f"compressed-tensors layout; nearest that works: the same scheme with integer zero points")
         if s.get("act_format") == "int8" and (not s["symmetric"] or s["granularity"] == "group"):
             return (f"quantization_config.modules.{name}: W8A8 with asymmetric or grouped weights has no "
                     f"compressed-tensors int-quantized layout; nearest that works: weights: {{symmetric: true, "
