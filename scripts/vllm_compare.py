@@ -6,7 +6,8 @@
 
 The vLLM side never imports llmcompress. Greedy decoding of NEW tokens after each prompt; prompt log-probs are
 log p(token_t | tokens_<t) of every prompt token after the first, which is what separates two implementations
-of one model far more finely than generations do.
+of one model far more finely than generations do. vLLM runs in bfloat16: its CPU int8 kernel
+(int8_scaled_mm_with_quant) refuses float32 activations; ours run in float32.
 """
 
 import json
@@ -43,7 +44,7 @@ def vllm(dirs):
 
     out = {}
     for d in dirs:
-        llm = LLM(model=d, dtype="float32", gpu_memory_utilization=0.15, max_model_len=512, enforce_eager=True)
+        llm = LLM(model=d, dtype="bfloat16", gpu_memory_utilization=0.15, max_model_len=512, enforce_eager=True)
         params = SamplingParams(temperature=0.0, max_tokens=NEW, prompt_logprobs=0)
         rows = []
         for p, res in zip(PROMPTS, llm.generate(PROMPTS, params)):
