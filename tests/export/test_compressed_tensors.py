@@ -60,10 +60,28 @@ def _quantize(smollm, root: Path, name: str, w: dict, a: dict, include=("*",), *
     return out
 
 
+class _Lazy(dict):
+    """name -> path, each made on first use (a test needing two checkpoints does not wait for all of them)."""
+
+    def __init__(self, make, names):
+        super().__init__()
+        self.make, self.names = make, list(names)
+
+    def __missing__(self, name):
+        self[name] = self.make(name)
+        return self[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def items(self):
+        return [(n, self[n]) for n in self.names]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(smollm, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {name: _quantize(smollm, root, name, **spec) for name, spec in SCHEMES.items()}
+    return _Lazy(lambda name: _quantize(smollm, root, name, **SCHEMES[name]), SCHEMES)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +97,15 @@ def static_kv(smollm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exports(checkpoints, static_kv, tmp_path_factory):
+def exports(checkpoints, request, tmp_path_factory):
     root = tmp_path_factory.mktemp("ct")
-    out = {}
-    for name, src in {**checkpoints, "w8a8_static_kv": static_kv}.items():
+
+    def make(name):
+        src = request.getfixturevalue("static_kv") if name == "w8a8_static_kv" else checkpoints[name]
         (root / name).mkdir()
         ct.write(src, root / name)
-        out[name] = root / name
-    return out
+        return root / name
+    return _Lazy(make, [*SCHEMES, "w8a8_static_kv"])
 
 
 def _local(state: dict, name: str) -> dict:
@@ -104,7 +123,7 @@ def _scheme_of(qc: dict, name: str) -> QuantizationScheme:
 def test_library_compresses_and_decompresses_exactly_as_we_write(name, checkpoints, static_kv, exports):
     from safetensors.torch import load_file
 
-    src = checkpoints.get(name, static_kv)
+    src = static_kv if name == "w8a8_static_kv" else checkpoints[name]
     ours = load_quantized(src)
     state = load_file(str(exports[name] / "model.safetensors"))
     qc = json.loads((exports[name] / "config.json").read_text())["quantization_config"]
