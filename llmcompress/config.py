@@ -214,10 +214,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str]]:
 
 def read_yaml(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a YAML config file")
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: config file not found" if not path.exists() else f"{path}: not a regular file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML config file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -230,16 +234,21 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(cls, path: Optional[Path] = None, overrides: Optional[list[str]] = None):
-    """Read `path` (optional: defaults alone are a valid config), apply `--set` overrides, validate."""
+def load_config(cls, path: Optional[Path] = None, overrides: Optional[list[str]] = None,
+                flags: Optional[dict[str, str]] = None):
+    """Read `path` (optional: defaults alone are a valid config), apply `--set` overrides, validate.
+    `flags` maps a key an override sets to the CLI option that set it (`tasks.limit` -> `--limit`), so an error in
+    it names that option; any other override's error names `--set`."""
     source = str(path) if path else "<defaults>"
     data = read_yaml(path) if path else {}
     data, keys = apply_overrides(data, list(overrides or []))
     try:
         return from_dict(cls, data, source)
     except ConfigError as e:
-        if any(e.key == k or e.key.startswith(k + ".") or e.key.startswith(k + "[") for k in keys):
-            raise ConfigError("--set", e.key, e.expected, e.got, has_got=e.has_got) from None
+        for k in reversed(keys):  # the last override of a key is the one that counts
+            if e.key == k or e.key.startswith((k + ".", k + "[")) or k.startswith(e.key + "."):
+                raise ConfigError((flags or {}).get(k, "--set"), e.key, e.expected, e.got,
+                                  has_got=e.has_got) from None
         raise
 
 
@@ -292,6 +301,66 @@ class DataConfig:
     max_length: int = opt(512, "tokens per sample (longer samples are truncated)", ge=8)
     shuffle: bool = opt(True, "sample rows at random (seeded) rather than the first N")
 
+    def check(self):
+        problem = data_source_problem(self.source)
+        if problem:
+            raise Invalid("source", problem, self.source)
+        problem = template_problem(self.template)
+        if problem:
+            raise Invalid("template", problem, self.template)
+
+
+DATA_SUFFIXES = (".txt", ".md", ".raw", "", ".json", ".jsonl", ".tsv", ".csv")
+
+
+def data_source_problem(source: str) -> Optional[str]:
+    """What is wrong with a dataset name (None if nothing is): an unknown builtin, a directory or other non-file,
+    an unsupported file type, or a path-like name that does not exist. Other names are hub datasets."""
+    if source.startswith("builtin:"):
+        if source.split(":", 1)[1] not in BUILTIN_DATA:
+            return "builtin:NAME with NAME one of " + ", ".join(sorted(BUILTIN_DATA))
+        return None
+    try:
+        p = Path(source).expanduser()
+        exists = p.exists()
+    except (OSError, ValueError):
+        return "a dataset file path or hub dataset name"
+    if exists:
+        if p.is_dir():
+            return "a dataset file, not a directory"
+        if not p.is_file():
+            return "a regular dataset file"
+        if p.suffix.lower() not in DATA_SUFFIXES:
+            return "a .txt, .json, .jsonl, .tsv or .csv file"
+        return None
+    if (not source.strip() or source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+            or Path(source.split(":", 1)[0]).suffix.lower() in (".txt", ".json", ".jsonl", ".tsv", ".csv")):
+        return "an existing dataset file (not found)"
+    return None
+
+
+def template_problem(template: str, allowed: Optional[tuple[str, ...]] = None) -> Optional[str]:
+    """A row template may only name fields, `{instruction}`: positional fields (`{}`, `{0}`), attribute or index
+    access (`{0.__class__}`, `{a[b]}`) and nested specs are refused, as they can only be mistakes or probes."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"a Python format string with named fields ({e})"
+    for _, name, spec, _conv in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            return "named fields only, e.g. {instruction}; positional fields such as {} or {0} are refused"
+        if any(c in name for c in ".[]"):
+            return "plain field names only, e.g. {instruction}; attribute or index access is refused"
+        if spec and "{" in spec:
+            return "field formats without nested {fields}"
+        if allowed is not None and name not in allowed:
+            return "only the fields " + ", ".join("{" + a + "}" for a in allowed)
+    return None
+
 
 BUILTIN_DATA = {
     "wikitext2_test": "wikitext2_test.txt",
@@ -316,7 +385,8 @@ class CalibrateConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to calibrate")
     data: DataConfig = opt(factory=_default_calib_data, help="calibration samples (never an evaluation split)")
     batch_size: int = opt(8, "samples per forward pass", ge=1)
-    percentiles: list[float] = opt(factory=lambda: [99.0, 99.9, 99.99], help="activation |x| percentiles to record")
+    percentiles: list[float] = opt(factory=lambda: [99.0, 99.9, 99.99], help="activation |x| percentiles to record",
+                                   min_len=1)
     histogram_bins: int = opt(2048, "bins of each per-layer |x| histogram (bounds observer memory)", ge=16)
     weights: bool = opt(True, "also record weight statistics")
     kv_cache: bool = opt(True, "record k_proj/v_proj outputs for KV-cache scales")
@@ -338,8 +408,8 @@ class WeightQuantConfig:
     symmetric: bool = opt(True, "symmetric (zero point 0) or asymmetric")
     granularity: Literal["tensor", "channel", "group"] = opt("channel", "one scale per tensor, output channel, "
                                                              "or group of input columns")
-    group_size: int = opt(128, "columns per group when granularity is 'group' (a ragged last group is allowed)",
-                          ge=1)
+    group_size: int = opt(128, "columns per group when granularity is 'group' (a ragged last group is allowed; "
+                          "a group longer than every selected layer's rows is refused)", ge=1, le=65536)
     observer: Literal["minmax", "percentile", "clip", "mse", "kl"] = opt("minmax", "how a range becomes a scale")
     percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
     clip_threshold: Optional[float] = opt(None, "fixed |x| clipping threshold T for the 'clip' observer", gt=0.0)
@@ -358,6 +428,11 @@ class ActivationQuantConfig:
     observer: Literal["minmax", "percentile", "mse", "kl"] = opt("minmax", "observer for static scales")
     percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
 
+    @property
+    def static(self) -> bool:
+        """Static per-tensor input scales (observed in calibration) rather than per-token ones at run time."""
+        return self.format != "none" and not self.dynamic
+
 
 @dataclass
 class KVCacheQuantConfig:
@@ -373,18 +448,15 @@ def _default_algo_data() -> DataConfig:
 class GPTQConfig:
     damp: float = opt(0.01, "percdamp: λ = damp · mean(diag H) added to H's diagonal before inverting", ge=0.0)
     block_size: int = opt(128, "columns per lazy batch update (GPTQ's blocksize)", ge=1)
-    act_order: bool = opt(True, "quantize columns in order of decreasing diag(H) (activation order; on the "
-                          "embedded default W4 g64 sym: ppl 26.6 with it, 31.0 without)")
+    act_order: bool = opt(True, "quantize columns in order of decreasing diag(H) (activation order)")
     static_groups: bool = opt(False, "fix every group's scale from the original W before any update; act_order "
                               "always does, so groups stay contiguous in the checkpoint (no g_idx) for the kernels")
     true_sequential: bool = opt(True, "within a decoder layer, quantize q/k/v, then o, then gate/up, then down, "
                                 "each on inputs produced by the already-quantized sublayers")
     refit_scales: bool = opt(True, "after GPTQ, re-solve each row's scales for the chosen codes by least squares "
-                             "on the same damped Hessian (a row keeps its old scales unless the error drops; embedded "
-                             "default W4 g64 sym, 8 WikiText windows: ppl 23.9 with it, 24.4 without)")
+                             "on the same damped Hessian (a row keeps its old scales unless the error drops)")
     normalize_tokens: bool = opt(True, "build H from unit-norm input rows, so every calibration token weighs the "
-                                 "same (the plain H is dominated by the few huge-norm tokens: attention sinks; "
-                                 "W4 g64 sym: 23.9 with it, 24.4 without; 23.7 with both)")
+                                 "same (the plain H is dominated by the few huge-norm tokens: attention sinks)")
 
     def check(self):
         if self.block_size % 2:
@@ -393,77 +465,24 @@ class GPTQConfig:
 
 @dataclass
 class AWQConfig:
-    grid: int = opt(20, "number of α values searched in [0, 1) for s = x̄^α (α = 0 is scale 1)", ge=1)
-    duo_scaling: bool = opt(True, "s = x̄^α / w̄^(1−α) (llm-compressor's default) instead of s = x̄^α (unused "
-                            "with both_scalings)")
-    both_scalings: bool = opt(True, "search the α grid of both s = x̄^α / w̄^(1−α) and s = x̄^α (embedded default "
-                              "W4 g128 sym with clip + refit: ppl 26.8 with it, 27.5 without)")
+    grid: int = opt(20, "number of α values searched in [0, 1) for each of s = x̄^α / w̄^(1−α) and s = x̄^α "
+                    "(α = 0 is scale 1)", ge=1)
     gptq: bool = opt(False, "quantize the scaled weights with GPTQ (settings from gptq.*) instead of RTN")
     clip: bool = opt(True, "after scaling, clip each group's weights to the max |w| that minimises its output "
-                     "error (AWQ's clip search; group granularity only; g128 sym with refit: 26.8 with it, "
-                     "27.5 without)")
-    refit_scales: bool = opt(True, "after scaling and clipping, keep each row's RTN codes and re-solve its group "
-                             "scales by least squares on the unit-norm input rows' Gram matrix (as gptq."
-                             "refit_scales; min-max observer, which gives them back; g128 sym: 27.7 with it, "
-                             "29.1 without)")
-    group_rounds: int = opt(0, "after the α grid, rounds of coordinate descent in which each quantization group "
-                            "of input channels takes its own α from the same grid (the Gram loss, with the other "
-                            "groups fixed; never a worse loss; 3x slower); 0: one α per Linear group, as AWQ (g128 "
-                            "sym on an H100, unperturbed / seed 1: 26.91 / 26.54; with clip_qk and normalize_tokens "
-                            "26.18 / 26.11 / 26.67 / 26.70 on seeds 0-3, mean 26.41)", ge=0)
+                     "error (AWQ's clip search; group granularity only)")
     clip_qk: bool = opt(False, "also clip q_proj and k_proj (AutoAWQ does not: attention logits amplify their "
-                        "error; g128 sym on an H100, unperturbed / seed 1: 26.94 / 26.22, with normalize_tokens "
-                        "26.61 / 26.21, against 26.49 / 27.46 without)")
+                        "error)")
     clip_tokens: int = opt(512, "calibration rows (evenly spaced among the search_tokens sampled) the clip search "
-                           "scores each clip on (g128 sym on CPU: 4096 gave 26.61 / 26.36 unperturbed / "
-                           "perturbed seed 1, against 26.70 / 26.48 with 512)", ge=16)
-    clip_refit: bool = opt(False, "clip + refit_scales: score each clip candidate by its RTN codes under the "
-                           "least-squares group scale the refit will give them (on the refit's unit-norm H), "
-                           "instead of by its error at the min-max scale (g128 sym on CPU: 27.2 with it, 26.7 "
-                           "without)")
-    refit_rounds: int = opt(1, "refit_scales: rounds of (round to the codes of the current scales, refit)", ge=1)
-    refit_in_search: bool = opt(False, "refit_scales: score each candidate s with RTN + the refit (2-4x slower; "
-                                "unstable: with normalize_tokens, g128 sym 26.3 on one calibration sample, 32.3 on "
-                                "another)")
-    clip_in_search: bool = opt(False, "score each candidate s with the clip search it will then get (groups "
-                               "without q/k; the plain clip search, also under clip_refit; about 10x slower: g128 sym on an H100 26.64 / 26.37 / 26.58 / 26.41 on "
-                               "four weight perturbations, mean 26.50, against 26.49 / 27.46 / 26.52 / 26.56, mean "
-                               "26.76)")
-    refit_damp: float = opt(0.01, "refit_scales: λ = refit_damp · mean(diag H) added to H's diagonal", ge=0.0)
-    gqa_scales: bool = opt(False, "under grouped-query attention, give o_proj AWQ scales tied per v_proj channel "
-                           "(folded into v_proj) instead of none (g128 sym 26.5 / 27.0 on two calibration samples "
-                           "vs 26.8 / 26.8 without)")
-    unscaled_groups: bool = opt(True, "also clip / refit the Linears whose producer cannot take AWQ's scales "
-                                "(o_proj under GQA), which otherwise get plain RTN")
-    sequential_inputs: bool = opt(False, "search, clip and refit each group of a layer on the inputs produced "
-                                  "with the layer's earlier groups already at their quantized weights (o_proj after "
-                                  "q/k/v, gate/up after the attention, down_proj after gate/up), instead of on the "
-                                  "float layer's (g128 sym on CPU: 27.1 with it, 26.7 without)")
+                           "scores each clip on", ge=16)
+    refit_scales: bool = opt(True, "after scaling and clipping, keep each row's RTN codes and re-solve its group "
+                             "scales by least squares on the unit-norm input rows' Gram matrix (as "
+                             "gptq.refit_scales)")
+    group_rounds: int = opt(0, "after the α grid, rounds of coordinate descent in which each quantization group "
+                            "of input channels takes its own α from the same grid (never a worse loss; about 3x "
+                            "slower); 0: one α per group of Linears, as AWQ", ge=0)
     search_tokens: int = opt(4096, "calibration tokens (rows) sampled per layer to score each α", ge=16)
     normalize_tokens: bool = opt(False, "score α and the clip search on unit-norm input rows, so every "
-                                 "calibration token weighs the same (as gptq.normalize_tokens; no gain measured)")
-    keep_first_tokens: bool = opt(False, "always include each calibration sequence's first token (the attention "
-                                  "sink) among the search_tokens rows")
-    loss: Literal["linear", "layer", "block"] = opt("linear", "what α is scored on: the group's own Linear "
-                                                    "outputs; the decoder layer's output (the others in float; no "
-                                                    "gain measured, slower); or the output of the block the group "
-                                                    "feeds (AutoAWQ's module2inspect: q/k/v on the attention output "
-                                                    "after o_proj, gate/up on the MLP output after down_proj; "
-                                                    "o_proj and down_proj on their own; g128 sym on CPU: 27.0, "
-                                                    "against 26.7 for linear; 2x slower)")
-    guided: bool = opt(False, "weigh every error AWQ minimises (α search, clip search, scale refit) by the "
-                       "calibration loss's gradients at the Linear's output (one backward pass first; rank-one "
-                       "Fisher: per-token a_t^γ · per-channel b_n, as GuidedQuant) instead of every token and "
-                       "output channel alike (g128 sym on an H100, unperturbed / perturbed seed 1: 26.69 / 26.73 "
-                       "with γ = 0.5, 26.52 / 26.65 with γ = 0, 27.42 / 26.94 with γ = 1, against 26.49 / 27.46 "
-                       "without)")
-    guided_tokens: float = opt(0.5, "awq.guided: exponent γ on the per-token weights, a_t^γ (1: the rank-one "
-                               "Fisher as it is, which on 20k calibration tokens puts most weight on a few dozen "
-                               "tokens in the early layers; 0: output channels only)", ge=0.0, le=1.0)
-    block_tokens: int = opt(2048, "calibration tokens the block loss runs on (loss: block): sampled rows for the "
-                            "MLP, whole batches spread over the length-sorted set for the attention", ge=16)
-    loss_batches: int = opt(4, "calibration batches (spread over the length-sorted set) the layer loss runs on "
-                            "(loss: layer)", ge=1)
+                                 "calibration token weighs the same (as gptq.normalize_tokens)")
 
 
 @dataclass
@@ -489,9 +508,43 @@ class QuantizeConfig:
     weights: WeightQuantConfig = opt(factory=WeightQuantConfig, help="weight quantization")
     activations: ActivationQuantConfig = opt(factory=ActivationQuantConfig, help="activation quantization")
     kv_cache: KVCacheQuantConfig = opt(factory=KVCacheQuantConfig, help="KV-cache quantization")
-    include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize")
+    include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize",
+                             min_len=1)
     exclude: list[str] = opt(factory=lambda: ["lm_head", "*embed*"], help="patterns kept in high precision")
     seed: int = opt(0, "seed for anything random")
+
+    def check(self):
+        """What cannot work, refused before any work (the nested sections checked their own keys already)."""
+        w, a = self.weights, self.activations
+        if w.format == "none":
+            raise Invalid("weights.format", "int8, int4 or fp8 ('none' leaves nothing to quantize; KV-cache-only "
+                          "quantization is not implemented)", w.format)
+        from llmcompress.quant.quantize import weight_spec  # lazy: the schema module stays free of torch
+
+        try:
+            weight_spec(w)
+        except ValueError as e:
+            raise Invalid("weights", f"a servable weight format ({e})") from None
+        if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
+            raise Invalid("weights.group_size", "an even group size for int4 (two codes per byte)", w.group_size)
+        if a.format == "int8":
+            if w.format != "int8":
+                raise Invalid("activations.format", f"none for {w.format} weights: int8 activations run on the "
+                              f"W8A8 int8 kernel and need weights.format int8", a.format)
+            if not w.symmetric or w.granularity == "group":
+                raise Invalid("weights", "W8A8 needs symmetric per-channel or per-tensor weights "
+                              "(weights.symmetric: true, weights.granularity: channel)")
+        if a.format == "fp8" and w.format != "fp8":
+            raise Invalid("activations.format", "none or weights.format fp8: fp8 activations need fp8 weights",
+                          a.format)
+        for key in ("include", "exclude"):
+            for i, pattern in enumerate(getattr(self, key)):
+                if not pattern.strip():
+                    raise Invalid(f"{key}[{i}]", "a non-empty fnmatch pattern", pattern)
+        for i, pattern in enumerate(self.exclude):
+            if set(pattern) == {"*"}:
+                raise Invalid(f"exclude[{i}]", "a pattern that leaves some layer to quantize ('*' excludes every "
+                              "layer)", pattern)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,6 +564,13 @@ class PerplexityConfig:
     max_tokens: Optional[int] = opt(None, "use only the first N tokens of the split (quick runs, e.g. 16384); "
                                     "null = the whole split", ge=16)
     batch_size: int = opt(1, "windows per forward pass", ge=1)
+
+    def check(self):
+        problem = data_source_problem(self.dataset)
+        if problem:
+            raise Invalid("dataset", problem, self.dataset)
+        if self.stride is not None and self.stride > self.seq_len:
+            raise Invalid("stride", f"a stride <= seq_len ({self.seq_len}); a longer one skips tokens", self.stride)
 
 
 @dataclass
@@ -692,6 +752,11 @@ class ClassificationConfig:
                           ge=1)
     teacher_batch_size: int = opt(16, "examples per teacher scoring forward pass", ge=1)
     latency_examples: int = opt(32, "examples timed one at a time for per-example latency", ge=1)
+
+    def check(self):
+        problem = template_problem(self.prompt, allowed=("text",))
+        if problem:
+            raise Invalid("prompt", problem, self.prompt)
 
 
 @dataclass

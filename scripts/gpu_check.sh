@@ -7,6 +7,11 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} LLMC_CACHE=${LLMC_CACHE:-/tmp/llmc-cache} MAX_JOBS=16
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # 9.0a: wgmma for the CUTLASS W8A8 GEMM
+# CUTLASS headers for the W8A8 GEMM: the nvidia-cutlass wheel carried in .whl/ (pip download --no-deps
+# nvidia-cutlass); build.py also finds its tools/util/include beside include/
+for w in .whl/nvidia_cutlass-*.whl; do
+  [ -f "$w" ] && python3 -m zipfile -e "$w" /tmp/cutlass_whl && export LLMC_CUTLASS_DIR=/tmp/cutlass_whl/cutlass_library/source/include
+done
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/build.log"
 lscpu | grep -E "Model name|Flags" | grep -o -E "Model name.*|avx512_vnni|avx512f |amx_tile" | sort -u | tee -a "$OUT/build.log"
 { time python3 -c "

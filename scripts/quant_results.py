@@ -44,6 +44,7 @@ OUT = ROOT / "scripts" / "results"
 W4 = ["weights.format=int4", "weights.granularity=group", "activations.format=none"]
 OLD_GPTQ = ["gptq.refit_scales=false", "gptq.normalize_tokens=false"]  # rows measured before these options
 OLD_AWQ = ["awq.clip=false", "awq.both_scalings=false", "awq.refit_scales=false", "awq.unscaled_groups=false"]
+RETIRED = "e3399bd"  # the last commit with the AWQ options some rows use (docs/quantization.md: lost options)
 W8A8 = ["weights.format=int8", "weights.granularity=channel", "weights.symmetric=true", "activations.format=int8"]
 SQ_GRID = "smoothquant.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8]"
 LAYOUTS = {"g64_sym": ["weights.group_size=64", "weights.symmetric=true"],
@@ -52,7 +53,9 @@ LAYOUTS = {"g64_sym": ["weights.group_size=64", "weights.symmetric=true"],
 
 
 def configurations() -> dict[str, dict]:
-    """name -> {"label", "set": QuantizeConfig overrides} (or "kv": format for KV-cache-only rows)."""
+    """name -> {"label", "set": QuantizeConfig overrides} (or "kv": format for KV-cache-only rows). Rows whose
+    options were deleted keep their measured numbers in the table and carry "retired": the commit to rerun them
+    at."""
     c: dict[str, dict] = {"unquantized": {"label": "unquantized (float32)", "set": None}}
     for lay, over in LAYOUTS.items():
         for obs in ("minmax", "mse"):
@@ -72,11 +75,13 @@ def configurations() -> dict[str, dict]:
         c[f"gptq_{lay}_refit_norm"] = {"label": f"GPTQ W4A16 {lay} act_order + token-normalized H + scale refit",
                                        "set": W4 + over + ["method=gptq", "gptq.act_order=true",
                                                            "gptq.refit_scales=true", "gptq.normalize_tokens=true"]}
-        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"] + OLD_AWQ}
+        c[f"awq_{lay}"] = {"label": f"AWQ W4A16 {lay} (duo scaling)", "set": W4 + over + ["method=awq"] + OLD_AWQ,
+                           "retired": RETIRED}
         c[f"awq_{lay}_noduo"] = {"label": f"AWQ W4A16 {lay} (s = x̄^α)",
-                                 "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.duo_scaling=false"]}
+                                 "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.duo_scaling=false"],
+                                 "retired": RETIRED}
         c[f"awq_{lay}_clip"] = {"label": f"AWQ W4A16 {lay} (duo scaling) + clip search",
-                                "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.clip=true"]}
+                                "set": W4 + over + ["method=awq"] + OLD_AWQ + ["awq.clip=true"], "retired": RETIRED}
         c[f"awq_{lay}_refit"] = {"label": f"AWQ W4A16 {lay} (defaults: both scalings, clip, scale refit, "
                                           "o_proj clipped + refit)", "set": W4 + over + ["method=awq"]}
         for key, ov, what in (("cliprefit", "awq.clip_refit=true", "clip candidates scored after the scale refit"),
@@ -86,10 +91,12 @@ def configurations() -> dict[str, dict]:
                               ("cliptok", "awq.clip_tokens=4096", "clip search on 4,096 rows, not 512")):
             c[f"awq_{lay}_{key}"] = {"label": f"AWQ W4A16 {lay} (defaults + {what})",
                                      "set": W4 + over + ["method=awq", ov]}
+            if key != "cliptok":
+                c[f"awq_{lay}_{key}"]["retired"] = RETIRED
         c[f"awq_{lay}_gptq"] = {"label": f"AWQ (s = x̄^α) + GPTQ act_order, mse W4A16 {lay}",
                                 "set": W4 + over + ["method=awq"] + OLD_AWQ + [
                                     "awq.duo_scaling=false", "awq.gptq=true", "gptq.act_order=true",
-                                    "weights.observer=mse"] + OLD_GPTQ}
+                                    "weights.observer=mse"] + OLD_GPTQ, "retired": RETIRED}
     c["w8a8_static"] = {"label": "W8A8 static per-tensor (RTN)", "set": W8A8 + ["activations.dynamic=false"]}
     c["w8a8_static_sq"] = {"label": "W8A8 static per-tensor + SmoothQuant (α searched)",
                            "set": W8A8 + ["activations.dynamic=false", "smoothquant.enabled=true", SQ_GRID]}
@@ -164,6 +171,12 @@ def main() -> None:
     unknown = [n for n in names if n not in confs]
     if unknown:
         sys.exit(f"unknown configuration(s): {', '.join(unknown)}; see --list")
+    if args.only:
+        retired = [n for n in names if "retired" in confs[n]]
+        if retired:
+            sys.exit(f"{', '.join(retired)}: options deleted; rerun at commit {confs[retired[0]]['retired']}")
+    else:
+        names = [n for n in names if "retired" not in confs[n]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "quant_results.json"

@@ -5,7 +5,9 @@ How it times: a fixed random prompt (token ids drawn with a seeded generator: co
 dense model does), `warmup` untimed runs, then `repeats` timed runs; the median is reported. On CUDA every timed
 region ends with a synchronize. TTFT is one forward pass over the prompt plus the argmax of the last position
 (the first generated token). Decode prefills `decode_context` tokens untimed, then times `new_tokens` greedy steps
-with the KV cache. Peak memory is CUDA's max allocated bytes over the measurements, or on CPU the highest
+with the KV cache, the way the model is served on its device (llmcompress.runtime): on CUDA a static cache and a
+torch.compile'd step replayed as a CUDA graph (compiled and captured before timing), elsewhere the model's own
+forward per token with the dynamic cache. Peak memory is CUDA's max allocated bytes over the measurements, or on CPU the highest
 resident set size sampled (every 2 ms) while they run, so it includes the weights already in memory.
 """
 
@@ -21,6 +23,7 @@ import torch
 
 from ..config import SpeedConfig
 from ..progress import Reporter
+from ..runtime import StaticDecoder
 from .perplexity import keeps_logits, model_context
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -145,6 +148,12 @@ def measure_speed(model, cfg: SpeedConfig, *, seed: int = 0, reporter: Optional[
                     skipped.append(f"decode_context + new_tokens > model context {context}")
                     continue
                 ids = prompt(n, cfg.decode_context)
+                if device.type == "cuda":
+                    steps = _static_steps(model, ids, cfg.new_tokens)
+                    t = _timed(steps, device, cfg.warmup, cfg.repeats)
+                    decode[n] = {"decode_tok_s": n * cfg.new_tokens / t, "ms_per_step": t / cfg.new_tokens * 1e3}
+                    reporter.update(**{f"decode@b{n}_tok_s": n * cfg.new_tokens / t})
+                    continue
 
                 def steps() -> float:
                     out = model(ids, use_cache=True, **last_only)
@@ -173,5 +182,24 @@ def measure_speed(model, cfg: SpeedConfig, *, seed: int = 0, reporter: Optional[
         "skipped": skipped,
         "protocol": {"warmup": cfg.warmup, "repeats": cfg.repeats, "statistic": "median",
                      "decode_context": cfg.decode_context, "new_tokens": cfg.new_tokens,
-                     "prompt": "seeded random token ids", "decode": "greedy, KV cache"},
+                     "prompt": "seeded random token ids",
+                     "decode": "greedy; static KV cache, compiled step in a CUDA graph" if device.type == "cuda"
+                     else "greedy; dynamic KV cache, eager forward per token"},
     }
+
+
+def _static_steps(model, ids: torch.Tensor, new_tokens: int) -> Callable[[], float]:
+    """A timed run of `new_tokens` steps of the CUDA decoder, compiled and captured here, before any timing."""
+    dec = StaticDecoder.for_device(model, ids.shape[0], ids.shape[1] + new_tokens + 2)
+    dec.prefill(ids), dec.step()
+
+    def steps() -> float:
+        dec.prefill(ids)
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            dec.step()
+        dec.tok.tolist()  # waits for the device
+        return time.perf_counter() - t0
+
+    return steps

@@ -66,7 +66,12 @@ def nvcc_flags() -> list[str]:
     default_hopper_arch()
     include = cutlass_include()
     sm90a = ["-DLLMC_SM90A"] if "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "") else []
-    return NVCC_FLAGS + sm90a + (["-DLLMC_WITH_CUTLASS", f"-I{include}"] if include else [])
+    if not include:
+        return NVCC_FLAGS + sm90a
+    # cutlass/util/*.hpp (packed_stride) live in tools/util/include beside include/ in a CUTLASS source tree and
+    # in the nvidia-cutlass wheel's cutlass_library/source
+    util = Path(include).parent / "tools" / "util" / "include"
+    return NVCC_FLAGS + sm90a + ["-DLLMC_WITH_CUTLASS", f"-I{include}"] + ([f"-I{util}"] if util.is_dir() else [])
 
 
 def cache_dir() -> Path:

@@ -21,6 +21,9 @@
     config        the quantize stage's weights/activations/kv_cache settings, as given
     modules       {module name: scheme} for every quantized Linear; a scheme is
                   {weight_format, granularity, group_size, symmetric, scale_dtype, act_format, act_dynamic}
+    experts       (MoE models only) {experts module: {num_experts, hidden_dim, intermediate_dim, act}}: each
+                  rebuilt as a QuantExperts (experts.py) whose per-expert weights `<experts>.gate_up_proj.<e>`
+                  and `<experts>.down_proj.<e>` are listed in `modules` and stored like any quantized Linear
 Only safetensors and JSON are written (no pickle); equal inputs give byte-identical files.
 """
 
@@ -37,6 +40,7 @@ from torch import nn
 from llmcompress.errors import UserError
 from llmcompress.models import QUANT_METHOD
 
+from .experts import experts_config, restore_experts
 from .kvcache import restore_kv_quant
 from .qlinear import QuantLinear, Scheme
 
@@ -84,6 +88,8 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, 
         raise UserError(f"refusing to write a checkpoint with NaN/Inf in: {', '.join(bad[:10])}"
                         + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
     qc = quantization_config(quantized_modules(model), method, config)
+    if experts_config(model):
+        qc["experts"] = experts_config(model)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["quantization_config"] = qc
@@ -154,6 +160,7 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    restore_experts(model, qc.get("experts", {}))
     for name, scheme_dict in qc["modules"].items():
         try:
             linear = model.get_submodule(name)

@@ -162,6 +162,28 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[tor
     return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec, x.dtype)
 
 
+@dataclass
+class QuantizedWeight:
+    """A [N, K] weight as unpacked codes (spec.code_dtype) with scale [] / [N] / [N, G] and zero_point: what every
+    algorithm produces and QuantLinear and the checkpoint serve."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: Optional[torch.Tensor]
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point, self.spec, dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def to(self, device) -> "QuantizedWeight":
+        zero = None if self.zero_point is None else self.zero_point.to(device)
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), zero, self.spec)
+
+
 def to_uint4(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """4-bit codes of either signedness -> unsigned codes 0..15 (signed int4 q is stored as u = q + 8)."""
     if spec.dtype == "int4":

@@ -120,3 +120,53 @@ class Layerwise:
     def final_hidden(self) -> list[torch.Tensor]:
         """Outputs of the last layer run with update=True (after all layers: the pre-norm final states)."""
         return self.hidden
+
+
+class Stop(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the layer is not computed."""
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, K] activations -> [n, K] rows of real (non-padding) tokens (a view when there is no padding; else
+    index_select on the flat rows, several times faster on CPU than boolean-mask indexing)."""
+    if x.dim() != 3:
+        return x.reshape(-1, x.shape[-1])
+    if x.shape[:2] != mask.shape:
+        return x[mask.to(x.device)]
+    flat = x.reshape(-1, x.shape[-1])
+    if bool(mask.all()):
+        return flat
+    return flat.index_select(0, mask.reshape(-1).nonzero().squeeze(1).to(x.device))
+
+
+def run_until_stop(layer: nn.Module, lw: Layerwise) -> None:
+    """Every calibration batch through `layer`, each cut short where a hook raises Stop."""
+    try:
+        for b in range(len(lw.batches)):
+            lw.current = b
+            try:
+                layer(lw.hidden[b], **lw.kwargs[b])
+            except Stop:
+                pass
+    finally:
+        lw.current = None
+
+
+def input_of(module: nn.Module, stop_at: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """Run `module` until `stop_at` is called; return the input `stop_at` would have read."""
+    got = []
+
+    def hook(m, a):
+        got.append(a[0])
+        raise Stop
+
+    h = stop_at.register_forward_pre_hook(hook)
+    try:
+        module(*args, **kwargs)
+    except Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise RuntimeError(f"{type(module).__name__} never called {type(stop_at).__name__}")
+    return got[0]

@@ -30,7 +30,7 @@ from llmcompress.kernels.reference import pack_int4, unpack_int4
 
 from . import fp8
 from .formats import SCALE_DTYPES, QuantSpec, dequantize, to_uint4, zero_to_uint4
-from .rtn import QuantizedWeight
+from .formats import QuantizedWeight
 
 INT8_ACT_MAX = 127.0  # the kernels' symmetric per-token int8 range is ±127
 
@@ -133,9 +133,16 @@ class QuantLinear(nn.Module):
         return dequantize(self.w_q, self.w_scale, self.w_zero, spec, dtype)
 
     def _packed_w4(self, device: torch.device):
+        if torch.compiler.is_compiling() and self._packed is not None:
+            return self._packed[2]  # a compiled step reuses the eager pass's packing (data_ptr cannot be traced)
         key = (device, self.qweight.data_ptr())
         if self._packed is None or self._packed[:2] != key:
-            self._packed = (*key, ops.pack_w4a16(self.qweight, self.scales, self.zeros, self.scheme.group_size))
+            packed = ops.pack_w4a16(self.qweight, self.scales, self.zeros, self.scheme.group_size)
+            if device.type == "cuda":  # fixed addresses: CUDA graphs of a compiled step read them in place
+                for t in (packed.qweight, packed.scales, packed.zeros):
+                    if t is not None:
+                        torch._dynamo.mark_static_address(t)
+            self._packed = (*key, packed)
         return self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """The `llmc quantize` stage: a float model (and, for static activation scales, a calibration artifact) in,
 a quantized checkpoint out, with a per-layer error table and the size before/after.
 
-Library use, without artifacts:   qmodel, rows = quantize_model(model, QuantizeConfig(...))
-Algorithms plug in through METHODS: a method maps (model, {name: Linear}, spec, make_observer, reporter) to
-{name: QuantizedWeight}; RTN quantizes each Linear on its own, GPTQ/AWQ may run layer by layer on calibration
-data (see layerwise.py). Everything after that (QuantLinear swap, checkpoint, report) is shared.
+Library use, without artifacts:   rows = quantize_model(model, load_config(QuantizeConfig, overrides=[...]))
+The config is validated where it is loaded (QuantizeConfig.check). Without calibration data every Linear is
+rounded on its own (RTN); the methods that need calibration inputs run in the layer loop (sequential.py,
+algorithms/). Everything after that (QuantLinear swap, checkpoint, report) is shared.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from llmcompress.progress import Reporter
 
 from . import calibrate as calib
 from .checkpoint import WEIGHTS_FILE, save_quantized, swap_in
+from .experts import build_quant_experts, expert_modules, expert_weights, fill_missing_scales, rtn_experts
 from .formats import QuantSpec
 from .kvcache import apply_kv_quant, kv_config
 from .observers import Observer, make_observer
 from .qlinear import INT8_ACT_MAX, QuantLinear, Scheme, int4_layout_group_size
-from .rtn import QuantizedWeight, error_stats, quantize_weight
+from .rtn import error_stats, quantize_weight
 from .sequential import needs_calibration_data, run_on_calibration_data
 
 FP8_ACT_MAX = 448.0
@@ -48,33 +49,6 @@ def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
     return lambda spec: make_observer(w.observer, spec, **kwargs)
 
 
-def check_config(cfg: QuantizeConfig, has_calibration: bool) -> None:
-    """Refuse, before any work, what cannot work; everything else (ragged groups included) is served."""
-    w, a = cfg.weights, cfg.activations
-    if cfg.method not in METHODS and cfg.method not in SEQUENTIAL_METHODS:
-        raise UserError(f"method: {cfg.method!r} is not implemented yet; available: "
-                        f"{', '.join([*METHODS, *SEQUENTIAL_METHODS])}")
-    if w.format == "none":
-        raise UserError("weights.format: 'none' leaves nothing to quantize (KV-cache-only quantization is not "
-                        "implemented yet)")
-    try:
-        weight_spec(w)
-    except ValueError as e:
-        raise UserError(f"weights: {e}") from None
-    if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
-        raise UserError(f"weights.group_size: int4 needs an even group size (two codes per byte), got "
-                        f"{w.group_size}")
-    if a.format == "int8":
-        if w.format != "int8":
-            raise UserError(f"activations.format: int8 activations run on the W8A8 int8 kernel and need "
-                            f"weights.format int8, got {w.format!r} (use activations.format: none for W4A16)")
-        if not w.symmetric or w.granularity == "group":
-            raise UserError("weights: W8A8 needs symmetric per-channel or per-tensor weights "
-                            "(weights.symmetric: true, weights.granularity: channel)")
-    if a.format == "fp8" and w.format != "fp8":
-        raise UserError(f"activations.format: fp8 activations need weights.format fp8, got {w.format!r}")
-
-
 def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme:
     w, a = cfg.weights, cfg.activations
     group = int4_layout_group_size(spec, in_features) if w.format == "int4" else (
@@ -90,24 +64,28 @@ def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> 
             if isinstance(m, nn.Linear) and match(name, include) and not match(name, exclude)}
 
 
-def check_finite(linears: dict[str, nn.Linear]) -> None:
-    bad = [f"{name} ({int((~torch.isfinite(m.weight)).sum())} values)" for name, m in linears.items()
-           if not torch.isfinite(m.weight).all()]
+def select_experts(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
+    """MoE experts modules (3-D weights, experts.py) whose every expert weight `<name>.gate_up_proj.<e>` /
+    `<name>.down_proj.<e>` is selected; one selected and another not is refused (a module is swapped whole)."""
+    match = lambda name, pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+    out = {}
+    for name, m in expert_modules(model).items():
+        picked = [match(f"{name}.{rel}", include) and not match(f"{name}.{rel}", exclude) for rel in expert_weights(m)]
+        if all(picked):
+            out[name] = m
+        elif any(picked):
+            raise UserError(f"include/exclude: select all or none of the experts of {name} (they are quantized "
+                            f"as one module)")
+    return out
+
+
+def check_finite(linears: dict[str, nn.Module]) -> None:
+    weights = {name if rel is None else f"{name}.{rel}": w for name, m in linears.items()
+               for rel, w in ({None: m.weight} if isinstance(m, nn.Linear) else expert_weights(m)).items()}
+    bad = [f"{name} ({int((~torch.isfinite(w)).sum())} values)" for name, w in weights.items()
+           if not torch.isfinite(w).all()]
     if bad:
         raise UserError(f"NaN/Inf in the weights of {len(bad)} layer(s): {', '.join(bad[:10])}; nothing written")
-
-
-# ------------------------------------------------------------------------------------------ methods
-
-def rtn(model, linears, spec, new_observer, reporter) -> dict[str, QuantizedWeight]:
-    return {name: quantize_weight(lin.weight, spec, new_observer(spec))
-            for name, lin in reporter.track(list(linears.items()), description="quantize (rtn)")}
-
-
-METHODS: dict[str, Callable[..., dict[str, QuantizedWeight]]] = {"rtn": rtn}
-# Methods that need calibration data run layer by layer in sequential.py (it also does SmoothQuant, static
-# activation scales without a calibration artifact, and KV-cache scales, for any method).
-SEQUENTIAL_METHODS = ("gptq", "awq")
 
 
 # ------------------------------------------------------------------------------------------ the work
@@ -141,29 +119,45 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
                    reporter: Optional[Reporter] = None, tokenizer=None) -> list[dict]:
     """Swap the selected Linears of `model` (in place) for QuantLinear; returns the per-layer error table."""
     reporter = reporter or Reporter()
-    check_config(cfg, stats is not None)
     linears = select_linears(model, cfg.include, cfg.exclude)
-    if not linears:
+    experts = select_experts(model, cfg.include, cfg.exclude)
+    if not linears and not experts:
         raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
-    check_finite(linears)
+    longest = max([lin.in_features for lin in linears.values()]
+                  + [w.shape[1] for m in experts.values() for w in expert_weights(m).values()])
+    if cfg.weights.granularity == "group" and cfg.weights.group_size > longest:
+        raise UserError(f"weights.group_size: {cfg.weights.group_size} is longer than every selected layer's rows "
+                        f"(at most {longest} columns); a group of at most {longest} (or granularity: channel)")
+    check_finite({**linears, **experts})
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
-    static = cfg.activations.format != "none" and not cfg.activations.dynamic
-    # ---- calibration-data algorithms (GPTQ / AWQ / SmoothQuant / KV cache: sequential.py) ----
+    new_observer = observer_factory(cfg.weights)
     seq = None
     if needs_calibration_data(cfg, stats is not None):
         if tokenizer is None:
             raise UserError(f"method {cfg.method!r} (or smoothquant / kv_cache / static scales without a "
                             f"calibration artifact) needs calibration data: pass the tokenizer")
-        seq = run_on_calibration_data(model, tokenizer, linears, spec, observer_factory(cfg.weights), cfg, reporter)
-        qweights = seq.qweights
+        seq = run_on_calibration_data(model, tokenizer, linears, spec, new_observer, cfg, reporter,
+                                      experts=experts)
+        qweights, expert_qweights = seq.qweights, seq.expert_qweights
     else:
-        qweights = METHODS[cfg.method](model, linears, spec, observer_factory(cfg.weights), reporter)
-    if static:  # scales seen by the sequential pass are those of the (smoothed, quantized) model actually run
+        qweights = {name: quantize_weight(lin.weight, spec, new_observer(spec))
+                    for name, lin in reporter.track(list(linears.items()), description="quantize (rtn)")}
+        expert_qweights = {name: rtn_experts(m, spec, new_observer) for name, m in experts.items()}
+    if cfg.activations.static:  # scales seen by the layer loop are those of the (smoothed, quantized) model run
         input_scales = seq.input_scales if seq is not None else static_input_scales(cfg, list(linears), stats)
+        # experts: one scale per expert weight, from the tokens routed to it (experts.py); an expert no token
+        # reached takes the largest of its module's
+        if seq is not None:
+            expert_scales = dict(seq.expert_input_scales)
+        else:
+            observed = [f"{n}.{rel}" for n, m in experts.items() for rel in expert_weights(m)
+                        if stats.activation(f"{n}.{rel}", "input") is not None]
+            expert_scales = static_input_scales(cfg, observed, stats)
+        scale_filled = set(fill_missing_scales(expert_scales, experts))
+        input_scales = {**input_scales, **expert_scales}
     else:
-        input_scales = {}
-    # ---- end calibration-data algorithms ----
+        input_scales, scale_filled = {}, set()
     rows = []
     for name, lin in linears.items():
         qw = qweights[name]
@@ -176,6 +170,35 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         rows.append({"layer": name, "scheme": scheme.name, **error_stats(lin.weight, w_hat),
                      "bf16_bytes": lin.weight.numel() * 2, "stored_bytes": stored})
         swap_in(model, name, q.to(lin.weight.device))
+    for name, m in experts.items():
+        floats = expert_weights(m)
+        fallback = set(seq.expert_fallback.get(name, ())) if seq is not None else set()
+        scales = {rel: input_scales[f"{name}.{rel}"] for rel in floats if f"{name}.{rel}" in input_scales}
+        q = build_quant_experts(m, expert_qweights[name], lambda rel, k: scheme_for(cfg, spec, k), scales)
+        expert_gptq = seq is not None and (cfg.method == "gptq" or (cfg.method == "awq" and cfg.awq.gptq))
+        for rel, w in floats.items():
+            lin = q.get_submodule(rel)
+            if not torch.isfinite(lin.dequantized_weight()).all():
+                raise UserError(f"{name}.{rel}: quantization produced NaN/Inf (scale underflow?); nothing written")
+            algo = "gptq" if expert_gptq and rel not in fallback else "rtn"
+            note = [*(["no calibration token routed to this expert"] if rel in fallback else []),
+                    *(["static input scale: the largest of its module's (no routed token)"]
+                      if f"{name}.{rel}" in scale_filled else [])]
+            rows.append({"layer": f"{name}.{rel}", "scheme": lin.scheme.name, "method": algo,
+                         **({"note": "; ".join(note)} if note else {}),
+                         **error_stats(w, lin.dequantized_weight()), "bf16_bytes": w.numel() * 2,
+                         "stored_bytes": sum(b.numel() * b.element_size() for b in lin.buffers())})
+        if cfg.method == "awq" or cfg.smoothquant.enabled:
+            reporter.info(f"{name}: experts quantized with {'GPTQ' if expert_gptq else 'RTN'}, without AWQ / "
+                          f"SmoothQuant scales (those are searched for Linears only)")
+        filled = sorted(rel for rel in floats if f"{name}.{rel}" in scale_filled)
+        if filled:
+            reporter.info(f"{name}: {len(filled)} expert weight(s) saw no calibration input; their static input "
+                          f"scale is the largest of the module's: {', '.join(filled)}")
+        if fallback:
+            reporter.info(f"{name}: {len(fallback)} expert weight(s) got no routed calibration token and were "
+                          f"quantized with RTN: {', '.join(sorted(fallback))}")
+        swap_in(model, name, q)
     if seq is not None and seq.kv_scales:
         apply_kv_quant(model, cfg.kv_cache.format, cfg.kv_cache.granularity, seq.kv_scales)
     return rows
@@ -198,14 +221,13 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     stats = calib.CalibrationStats.open(inputs.calibration.path) if inputs.calibration is not None else None
-    check_config(cfg, stats is not None)
     model_cfg = inputs.model or cfg.model
     model, tok = load_model(model_cfg)
     dense_bytes = _bytes(model)
     rows = quantize_model(model, cfg, stats, reporter, tok)
     config = {"weights": asdict(cfg.weights), "activations": asdict(cfg.activations),
               "kv_cache": kv_config(model) or asdict(cfg.kv_cache), "include": cfg.include, "exclude": cfg.exclude}
-    if cfg.method in SEQUENTIAL_METHODS:
+    if cfg.method in ("gptq", "awq"):
         config[cfg.method] = asdict(getattr(cfg, cfg.method))
     if cfg.method == "awq" and cfg.awq.gptq:
         config["gptq"] = asdict(cfg.gptq)

@@ -8,34 +8,12 @@ rounded on its own: W_q = clamp(round(W / s) + z, qmin, qmax). Algorithms that c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .formats import QuantSpec, dequantize, quantize
+from .formats import QuantizedWeight, QuantSpec, quantize
 from .observers import MinMaxObserver, Observer, weight_qparams
-
-
-@dataclass
-class QuantizedWeight:
-    """A [N, K] weight as unpacked codes (spec.code_dtype) with scale [] / [N] / [N, G] and zero_point."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: Optional[torch.Tensor]
-    spec: QuantSpec
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero_point, self.spec, dtype)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    def to(self, device) -> "QuantizedWeight":
-        zero = None if self.zero_point is None else self.zero_point.to(device)
-        return QuantizedWeight(self.codes.to(device), self.scale.to(device), zero, self.spec)
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, observer: Optional[Observer] = None) -> QuantizedWeight:

@@ -65,7 +65,8 @@ def test_top_level_must_be_mapping(tmp_path):
 
 
 def test_set_overrides_types_and_nesting(tmp_path):
-    p = write(tmp_path, yaml.safe_dump({"weights": {"format": "int4", "group_size": 128}}))
+    p = write(tmp_path, yaml.safe_dump({"weights": {"format": "int4", "group_size": 128},
+                                        "activations": {"format": "none"}}))
     cfg = load_config(QuantizeConfig, p, ["weights.group_size=64", "weights.symmetric=false",
                                           "exclude=[lm_head]", "model.name=some/model"])
     assert cfg.weights.format == "int4" and cfg.weights.group_size == 64 and cfg.weights.symmetric is False

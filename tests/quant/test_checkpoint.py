@@ -109,16 +109,26 @@ def test_nan_weights_are_reported_by_layer_and_nothing_quantized():
     assert isinstance(model.a, nn.Linear)
 
 
-@pytest.mark.parametrize("c,msg", [
-    (cfg("int4", act="int8"), "need weights.format int8"),
-    (cfg("int4", gs=63), "even group size"),
-    (cfg("fp8", gran="channel", sym=False), "symmetric only"),
-    (cfg("int8", act="int8", gran="group"), "W8A8 needs symmetric per-channel"),
-    (QuantizeConfig(activations=ActivationQuantConfig(format="int8", dynamic=False)), "calibration data"),
+@pytest.mark.parametrize("over,msg", [
+    (["weights.format=int4", "activations.format=int8"], "need weights.format int8"),
+    (["weights.format=int4", "weights.granularity=group", "weights.group_size=63", "activations.format=none"],
+     "even group size"),
+    (["weights.format=fp8", "weights.symmetric=false", "activations.format=none"], "symmetric only"),
+    (["weights.granularity=group", "activations.format=int8"], "W8A8 needs symmetric per-channel"),
+    (["weights.format=none"], "leaves nothing to quantize"),
 ])
-def test_what_cannot_work_is_refused_before_any_work(c, msg):
+def test_what_cannot_work_is_refused_where_the_config_is_loaded(over, msg):
+    from llmcompress.config import load_config
+
     with pytest.raises(UserError, match=msg):
-        quantize_model(nn.Sequential(nn.Linear(8, 8)), c)
+        load_config(QuantizeConfig, overrides=over)
+
+
+def test_static_scales_without_calibration_data_are_refused_before_any_work():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(UserError, match="calibration data"):
+        quantize_model(model, QuantizeConfig(activations=ActivationQuantConfig(format="int8", dynamic=False)))
+    assert isinstance(model[0], nn.Linear)
 
 
 def test_ragged_group_is_served():

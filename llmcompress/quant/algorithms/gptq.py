@@ -23,27 +23,16 @@ Rows are independent given H, so Linears that read the same input (q/k/v, gate/u
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .formats import QuantSpec, fake_quantize
-from .observers import Observer, weight_qparams
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row x / ‖x‖ (x [T, K]): every calibration token weighs the same in H, or in any output-error loss,
-    whatever its norm (`Hessian(normalize_tokens=True)`, AWQ's `normalize_tokens` and its scale refit)."""
-    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
-
-def dampen_(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """H += damp · mean(diag H) · I in place (percdamp); returns the λ = damp · mean(diag H) it added."""
-    lam = damp * torch.diag(H).mean()
-    H.diagonal().add_(lam)
-    return lam
+from ..formats import QuantizedWeight, QuantSpec, fake_quantize, quantize
+from ..layerwise import Stop, input_of, real_rows, run_until_stop
+from ..observers import Observer, weight_qparams
+from ..refit import dampen_, few_threads, refit_row_scales, unit_rows
+from .base import Algorithm, Layer
 
 
 class Hessian:
@@ -139,7 +128,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
     dampen_(H, damp)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    with _few_threads(W.device):
+    with few_threads(W.device):
         Q = _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, static)
     Q = Q[:, torch.argsort(perm)]
     if refit_scales and spec.granularity in ("channel", "group") and not spec.is_float:
@@ -153,67 +142,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
         error = float((row_err.sum() - lam * (W0m - Q).pow(2).sum()) / 2)
         return GPTQResult(Q, scale, zero, error)
     return GPTQResult(Q, scale, zero, layer_error(W0, Q, H_orig))
-
-
-def refit_row_scales(W: torch.Tensor, W_hat: torch.Tensor, scale: torch.Tensor, H: torch.Tensor,
-                     spec: QuantSpec, row_errors: bool = False) -> tuple[torch.Tensor, ...]:
-    """Keep the integer codes c = Ŵ / s − … (Ŵ = s·c per group, c = q − z) and choose each row's G scales anew
-    by least squares on the layer-wise error: min_s (w − A s) H (w − A s)ᵀ with A[:, g] = c masked to group g,
-    i.e. the G × G system (AᵀHA) s = AᵀH w per row. GPTQ fixed the scales before it chose the codes (from W,
-    by the observer); once the codes are known, the best scales for them are this closed form. A row keeps its
-    old scales unless the new ones (rounded to the stored scale dtype) lower its error. row_errors: also return
-    each row's (W − Ŵ) H (W − Ŵ)ᵀ for the returned Ŵ."""
-    n, k = W.shape
-    grouped = spec.granularity == "group"
-    s2 = scale.reshape(n, -1)  # [N, G] (G = 1 per channel)
-    gs = spec.group_size if grouped else k
-    bounds = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
-    s_full = torch.cat([s2[:, g:g + 1].expand(n, b1 - b0) for g, (b0, b1) in enumerate(bounds)], dim=1)
-    C = torch.round(W_hat / s_full)  # the integer codes minus the zero point
-    G = len(bounds)
-    M = torch.empty(n, G, G, device=W.device)
-    rhs = torch.empty(n, G, device=W.device)
-    for g2, (c0, c1) in enumerate(bounds):
-        HC = C[:, c0:c1] @ H[c0:c1, :]  # [N, K]: Σ_{j in g2} c_rj H_ji
-        for g1, (a0, a1) in enumerate(bounds):
-            M[:, g1, g2] = (C[:, a0:a1] * HC[:, a0:a1]).sum(1)
-        rhs[:, g2] = (W * HC).sum(1)  # (A_g2ᵀ H w)_r = Σ_i w_ri (C_g2 H)_ri: H symmetric, no W H product needed
-    ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
-    M = M + ridge[:, None, None] * torch.eye(G, device=W.device)
-    new = torch.linalg.solve(M.double(), rhs.double()).float()
-    ok = torch.isfinite(new) & (new > 0)
-    new = torch.where(ok, new, s2)
-    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.scale_dtype]
-    new = new.clamp(min=torch.finfo(dt).tiny, max=torch.finfo(dt).max).to(dt).float()
-    new_full = torch.cat([new[:, g:g + 1].expand(n, b1 - b0) for g, (b0, b1) in enumerate(bounds)], dim=1)
-    W_new = C * new_full
-
-    def row_err(Wq):
-        d = W - Wq
-        return ((d @ H) * d).sum(1)
-
-    e_new, e_hat = row_err(W_new), row_err(W_hat)
-    better = e_new < e_hat
-    W_out = torch.where(better[:, None], W_new, W_hat)
-    s_out = torch.where(better[:, None], new, s2).reshape(scale.shape)
-    if row_errors:
-        return W_out, s_out, torch.where(better, e_new, e_hat)
-    return W_out, s_out
-
-
-@contextmanager
-def _few_threads(device: torch.device):
-    # The column loop is thousands of tiny ops: on CPU, fork/join across threads costs more than it saves
-    # (and a contended core stalls every op), so it runs on one thread.
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, static) -> torch.Tensor:
@@ -278,3 +206,141 @@ def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ) / 2 = mean over calibration rows of ‖(W − Ŵ) x‖² (with H = 2 X Xᵀ / n)."""
     dW = (W - W_hat).float()
     return float(((dW @ H.float()) * dW).sum() / 2)
+
+
+class GPTQ(Algorithm):
+    """GPTQ over a decoder layer's groups, each group's Linears stacked row-wise (one Cholesky for all: rows are
+    independent given H). gptq.true_sequential: group by group, each on the inputs the already-quantized groups
+    before it produce; on a Llama-shaped layer (architecture.llama_residual, checked once on the first layer by
+    computing one batch both ways) fused into one forward's worth of compute (`_fused`), unless an observer
+    needs the quantized pass."""
+    stage = "weights"
+    needs_data = True
+
+    @classmethod
+    def wanted(cls, cfg) -> bool:
+        return cfg.method == "gptq" or (cfg.method == "awq" and cfg.awq.gptq)
+
+    def __init__(self, cfg, spec, new_observer):
+        super().__init__(cfg, spec, new_observer)
+        self.fusable: Optional[bool] = None  # decided on the first layer: does it decompose Llama-style?
+
+    def apply(self, layer: Layer) -> None:
+        full = layer.arch.llama_residual and list(layer.groups) == list(layer.arch.groups)
+        if full and self.cfg.gptq.true_sequential and not layer.observed:
+            if self.fusable is None:
+                self.fusable = _decomposes(layer)
+            if self.fusable:
+                layer.outputs = self._fused(layer)
+                return
+        stages = [[g] for g in layer.groups] if self.cfg.gptq.true_sequential else [layer.groups]
+        for stage in stages:
+            hess = _hessians(layer, stage, self.cfg.gptq.normalize_tokens)
+            for g in stage:
+                self._group(layer, g.consumers, hess[g.name].value())
+
+    def _group(self, layer: Layer, cons, H: torch.Tensor) -> None:
+        """GPTQ on the group's Linears stacked row-wise, then split back per Linear. A per-tensor scale spans one
+        Linear, so those go one by one."""
+        g, spec, mine = self.cfg.gptq, self.spec, layer.linears
+        for chunk in ([[c] for c in cons] if spec.granularity == "tensor" else [list(cons)]):
+            W = torch.cat([mine[c].weight for c in chunk])
+            res = gptq_quantize(W, H, spec, self.new_observer(spec), g.damp, g.block_size, g.act_order,
+                                g.static_groups, g.refit_scales)
+            r0 = 0
+            for c in chunk:
+                n = mine[c].out_features
+                w_hat = res.weight[r0:r0 + n]
+                scale = res.scale if spec.granularity == "tensor" else res.scale[r0:r0 + n]
+                zero = res.zero_point
+                if zero is not None and spec.granularity != "tensor":
+                    zero = zero[r0:r0 + n]
+                layer.quantized[c] = QuantizedWeight(quantize(w_hat, scale, zero, spec), scale, zero, spec)
+                mine[c].weight.copy_(w_hat.to(mine[c].weight.dtype))
+                r0 += n
+
+    def _fused(self, layer: Layer) -> list[torch.Tensor]:
+        """True-sequential GPTQ for a Llama-shaped layer in one forward's worth of compute: q/k/v's input, then the
+        attention output with the quantized q/k/v, then h = x + o_proj(that), then down_proj's input are each
+        computed once and kept, so the quantized output h + down_proj(x_d) falls out at the end (no second pass;
+        memory: those per-batch activations). Same Hessians and result as the generic path."""
+        lw, masks, mine, mod = layer.runner, layer.masks, layer.linears, layer.module
+        g_qkv, g_o, g_gu, g_d = layer.groups
+        o, down = mine[g_o.consumers[0]], mine[g_d.consumers[0]]
+        n_b = len(lw.batches)
+
+        def stage(cons, inputs) -> None:
+            hess = Hessian(mine[cons[0]].in_features, mine[cons[0]].weight.device, self.cfg.gptq.normalize_tokens)
+            for b, x in enumerate(inputs):
+                hess.add(real_rows(x, masks[b]))
+            self._group(layer, cons, hess.value())
+
+        def qkv_input(b):
+            lw.current = b
+            return input_of(mod, mine[g_qkv.consumers[0]], lw.hidden[b], **lw.kwargs[b])
+
+        stage(g_qkv.consumers, (qkv_input(b) for b in range(n_b)))
+        x_o = []
+        for b in range(n_b):
+            lw.current = b
+            x_o.append(input_of(mod, o, lw.hidden[b], **lw.kwargs[b]))  # attention with the quantized q/k/v
+        lw.current = None
+        stage(g_o.consumers, x_o)
+        h = [lw.hidden[b] + o(x_o[b]) for b in range(n_b)]
+        del x_o
+        stage(g_gu.consumers, (mod.post_attention_layernorm(h[b]) for b in range(n_b)))
+        x_d = [input_of(mod.mlp, down, mod.post_attention_layernorm(h[b])) for b in range(n_b)]
+        stage(g_d.consumers, x_d)
+        return [h[b] + down(x_d[b]) for b in range(n_b)]
+
+
+def _decomposed(layer: Layer, hidden, kwargs) -> torch.Tensor:
+    """The Llama decoder layer written out: h = x + o_proj(attention(...)); out = h + down_proj(mlp input)."""
+    mod = layer.module
+    o, down = layer.linears[layer.groups[1].consumers[0]], layer.linears[layer.groups[3].consumers[0]]
+    h = hidden + o(input_of(mod, o, hidden, **kwargs))
+    x_d = input_of(mod.mlp, down, mod.post_attention_layernorm(h))
+    return h + down(x_d)
+
+
+def _decomposes(layer: Layer) -> bool:
+    """Whether this decoder layer computes exactly as `_decomposed` writes it, checked on one reference batch;
+    otherwise GPTQ takes the generic path."""
+    lw, ref = layer.runner, layer.ref
+    if not all(hasattr(layer.module, a) for a in ("mlp", "post_attention_layernorm")) or not ref:
+        return False
+    b = min(ref)
+    try:
+        lw.current = b
+        out = _decomposed(layer, lw.hidden[b], lw.kwargs[b])
+    except Exception:
+        return False
+    finally:
+        lw.current = None
+    m = layer.masks[b]
+    err = float((out - ref[b])[m].float().pow(2).sum()) / max(float(ref[b][m].float().pow(2).sum()), 1e-30)
+    return err < 1e-8
+
+
+def _hessians(layer: Layer, stage, normalize: bool = False) -> dict[str, Hessian]:
+    """H of each group's shared input, from one pass of the layer that stops at the stage's last group."""
+    mine, lw = layer.linears, layer.runner
+    hess = {g.name: Hessian(mine[g.consumers[0]].in_features, mine[g.consumers[0]].weight.device, normalize)
+            for g in stage}
+    last = stage[-1].consumers[0]
+
+    def make(key, stop):
+        def hook(module, args):
+            hess[key].add(real_rows(args[0], layer.masks[lw.current]))
+            if stop:
+                raise Stop
+        return hook
+
+    handles = [mine[g.consumers[0]].register_forward_pre_hook(make(g.name, g.consumers[0] == last))
+               for g in stage]
+    try:
+        run_until_stop(layer.module, lw)
+    finally:
+        for h in handles:
+            h.remove()
+    return hess

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmcompress.quant.formats import QuantSpec, fake_quantize, quantize
-from llmcompress.quant.gptq import Hessian, gptq_quantize, layer_error
+from llmcompress.quant.algorithms.gptq import Hessian, gptq_quantize, layer_error
 from llmcompress.quant.observers import make_observer, weight_qparams
 
 
@@ -102,7 +102,7 @@ def test_refit_scales_never_raises_the_error_and_stays_on_the_stored_grid(spec):
 
 def test_unit_rows_and_dampen_are_the_hessian_s():
     """gptq.unit_rows / gptq.dampen_ are what Hessian(normalize_tokens) and gptq_quantize use (AWQ shares them)."""
-    from llmcompress.quant.gptq import dampen_, unit_rows
+    from llmcompress.quant.refit import dampen_, unit_rows
 
     X = _correlated_inputs(300, 64) * torch.rand(300, 1, generator=torch.Generator().manual_seed(2))
     X[5] = 0  # a zero row stays zero

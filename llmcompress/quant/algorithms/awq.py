@@ -9,20 +9,22 @@ protect the weights that meet large activations by scaling their input channels 
                                     (normalize_tokens: over unit-norm rows x / ‖x‖, so the attention sink's
                                     small-norm input counts as much as any other token's)
 
-The best s is folded into the op producing X (smoothquant.fold_scales), then W·s is quantized group-wise as
+The best s is folded into the op producing X (architectures.fold_scales), then W·s is quantized group-wise as
 usual. s = 1 (no scaling) is always a candidate, so the search never returns a worse loss than plain RTN.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .formats import QuantSpec, fake_quantize
-from .gptq import _few_threads, dampen_, refit_row_scales, unit_rows
-from .observers import weight_qparams
+from llmcompress.errors import UserError
+
+from ..formats import QuantSpec, fake_quantize
+from ..observers import weight_qparams
+from ..refit import dampen_, few_threads, refit_row_scales, unit_rows
+from .base import Algorithm, Layer
 
 
 def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -36,46 +38,12 @@ def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     return normed.mean(dim=0)
 
 
-def tied_mean(v: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
-    """v [K] averaged over the channels sharing a tie[j], broadcast back to [K]."""
-    tie = tie.to(v.device)
-    n = int(tie.max()) + 1
-    tot = torch.zeros(n, device=v.device, dtype=v.dtype).index_add_(0, tie, v)
-    cnt = torch.zeros(n, device=v.device, dtype=v.dtype).index_add_(0, tie, torch.ones_like(v))
-    return (tot / cnt.clamp(min=1))[tie]
-
-
-def gqa_tie(attn: torch.nn.Module, k: int) -> Optional[torch.Tensor]:
-    """For o_proj [*, k] under grouped-query attention: the v_proj output channel behind each o_proj input
-    channel (query head q, dim d reads kv head q // groups, dim d), or None if the module does not say."""
-    hd, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
-    if not hd or not groups or k % hd:
-        return None
-    j = torch.arange(k)
-    return (j // hd // groups) * hd + j % hd
-
-
-def sample_index(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], limit: Optional[int], seed: int = 0,
-                 keep_first: bool = True) -> Optional[torch.Tensor]:
-    """rows[b]: the [n_b, K] real-token inputs of batch b (masks[b] [B, T] picked them, row-major). Returns the
-    indices into torch.cat(rows) of at most `limit` of them sampled evenly at random (None: all of them);
-    keep_first always keeps each sequence's first token (the attention sink: a few of them in a random sample
-    otherwise, though every later token attends to it). take_rows applies them, to the rows or to per-row values."""
-    total = sum(r.shape[0] for r in rows)
+def sample_index(total: int, limit: Optional[int], seed: int = 0) -> Optional[torch.Tensor]:
+    """Indices (sorted) of at most `limit` of `total` calibration rows, sampled evenly at random (None: all)."""
     if not limit or total <= limit:
         return None
-    first = torch.zeros(total, dtype=torch.bool)
-    if keep_first:
-        off = 0
-        for r, m in zip(rows, masks):
-            lens = m.sum(dim=1).cpu()
-            starts = torch.cumsum(lens, 0) - lens
-            first[off + starts[lens > 0]] = True
-            off += r.shape[0]
     g = torch.Generator().manual_seed(seed)
-    rest = torch.nonzero(~first).squeeze(1)
-    rest = rest[torch.randperm(rest.numel(), generator=g)[: max(limit - int(first.sum()), 0)]]
-    return torch.cat([torch.nonzero(first).squeeze(1)[:limit], rest]).sort().values
+    return torch.randperm(total, generator=g)[:limit].sort().values
 
 
 def take_rows(rows: Sequence[torch.Tensor], keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -86,49 +54,29 @@ def take_rows(rows: Sequence[torch.Tensor], keep: Optional[torch.Tensor]) -> tor
 
 def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Callable[[torch.Tensor], torch.Tensor],
                grid: int = 20, duo_scaling: Union[bool, str] = True, group_size: int = 128,
-               normalize_tokens: bool = False,
-               score: Optional[Callable[[list[torch.Tensor]], float]] = None,
-               fq_for: Optional[Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = None,
-               tie: Optional[torch.Tensor] = None, token_weight: Optional[torch.Tensor] = None,
-               row_weight: Optional[torch.Tensor] = None, group_rounds: int = 0) -> tuple[torch.Tensor, dict]:
+               normalize_tokens: bool = False, group_rounds: int = 0) -> tuple[torch.Tensor, dict]:
     """Best per-channel scale s [K] for the Linears `weights` ([N_i, K]) reading calibration rows x [T, K].
 
     fq_weight(W) is the weight quantizer (quantize-dequantize) the model will use. duo_scaling: True (x̄^α / w̄^(1−α)),
     False (x̄^α) or "both" (every α of each family). normalize_tokens: the loss is taken over unit-norm rows
-    x / ‖x‖ (x̄ is still the plain mean |x|). score(Ŵ), given the dequantized Ŵ_i = Q(W_i·s)/s of each Linear
-    (in the unscaled coordinates), replaces that loss when given: e.g. the decoder layer's output error.
-    fq_for(s), when given, is the weight quantizer to score the candidate s with (instead of fq_weight), e.g. RTN
-    plus the scale refit on the inputs x / s. tie [K] (long): input channel j takes the producer channel
-    tie[j]'s scale, so channels that share a producer channel get one s (x̄ and w̄ averaged over them; o_proj under
-    GQA, where each v channel feeds one o column per query head of its group). token_weight [T] and row_weight
-    [ΣN_i] (guidance.Guidance: the end loss's a_t and b_n) weigh the loss's tokens and output rows:
-    Σ_n b_n d_n Xᵀ diag(a) X d_nᵀ (the rows of x as they are, not unit-norm). group_rounds > 0 (Gram loss, no
-    tie): after the grid, refine_groups lets each quantization group of input channels take its own α. Returns s
-    and a record {"alpha": best α or None for s = 1, "duo": whether the best s was a duo one, "loss": its loss, "loss_unscaled": the loss at s = 1}."""
+    x / ‖x‖ (x̄ is still the plain mean |x|). group_rounds > 0: after the grid, refine_groups lets each
+    quantization group of input channels take its own α. Returns s and a record {"alpha": best α or None for
+    s = 1, "duo": whether the best s was a duo one, "loss": its loss, "loss_unscaled": the loss at s = 1}."""
     x = x.float()
     x_mean = x.abs().mean(dim=0)
-    xl = unit_rows(x) if normalize_tokens and token_weight is None else x
+    xl = unit_rows(x) if normalize_tokens else x
     families = [True, False] if duo_scaling == "both" else [bool(duo_scaling)]
     w_mean = weight_mean(weights, group_size) if True in families else None
-    if tie is not None:
-        x_mean, w_mean = (None if v is None else tied_mean(v, tie) for v in (x_mean, w_mean))
     ws = [w.detach().float() for w in weights]
     W = torch.cat(ws)
     # ‖X Wᵀ − X Ŵᵀ‖² = Σ_rows d XᵀX dᵀ (d = W − Ŵ): one K × K Gram instead of a T × N product per candidate
-    xw = xl if token_weight is None else xl * token_weight.to(xl.device, torch.float32).unsqueeze(1)
-    gram = (xw.t() @ xl).double() if score is None else None
-    rw = None if row_weight is None else row_weight.to(W.device, torch.float64)
+    gram = (xl.t() @ xl).double()
     numel = x.shape[0] * W.shape[0]
 
     def loss(s: torch.Tensor) -> float:
-        fq = fq_weight if fq_for is None else fq_for(s)
-        with _few_threads(W.device):  # small ops (see refit_scales); the big products below keep the threads
-            w_hat = [fq(w * s) / s for w in ws]
-            d = None if score is not None else (W - torch.cat(w_hat)).double()
-        if score is not None:
-            return float(score(w_hat))
-        per_row = torch.mm(d, gram).mul_(d).sum(1)
-        return float((per_row if rw is None else per_row * rw).sum() / numel)
+        with few_threads(W.device):  # small ops (see refit_scales); the big products below keep the threads
+            d = (W - torch.cat([fq_weight(w * s) / s for w in ws])).double()
+        return float(torch.mm(d, gram).mul_(d).sum(1).sum() / numel)
 
     ones = torch.ones_like(x_mean)
     best_s, best, best_loss = ones, (None, None), loss(ones)
@@ -148,9 +96,9 @@ def awq_search(x: torch.Tensor, weights: Sequence[torch.Tensor], fq_weight: Call
             if err < best_loss:
                 best_s, best, best_loss = s, (alpha, duo), err
     rec = {"alpha": best[0], "duo": best[1], "loss": best_loss, "loss_unscaled": unscaled}
-    if group_rounds and gram is not None and fq_for is None and tie is None:
-        with _few_threads(W.device):
-            best_s, rec["groups_changed"] = refine_groups(W, ws, best_s, cands, gram, rw, fq_weight, group_size,
+    if group_rounds:
+        with few_threads(W.device):
+            best_s, rec["groups_changed"] = refine_groups(W, ws, best_s, cands, gram, None, fq_weight, group_size,
                                                           group_rounds)
         rec["loss"] = loss(best_s)
     return best_s, rec
@@ -205,95 +153,16 @@ def refine_groups(W: torch.Tensor, ws: Sequence[torch.Tensor], s: torch.Tensor, 
     return s, changed
 
 
-def layer_score(layer: torch.nn.Module, lw, masks: Sequence[torch.Tensor], ref: dict,
-                lins: Sequence[torch.nn.Linear], n_batches: int) -> Callable[[list[torch.Tensor]], float]:
-    """A `score` for awq_search: the decoder layer's output error, mean squared over the real tokens of
-    `n_batches` calibration batches (spread over the length-sorted set; lw: the Layerwise runner holding their
-    inputs, ref: batch -> float output), with the Linears `lins` holding the candidate Ŵ and all else as it is."""
-    n_b = len(lw.batches)
-    k = min(n_batches, n_b)
-    picks = sorted({n_b * (j + 1) // k - 1 for j in range(k)})
-
-    @torch.no_grad()
-    def score(w_hat: list[torch.Tensor]) -> float:
-        err, n = 0.0, 0
-        with weights_swapped(lins, w_hat):
-            for b in picks:
-                lw.current = b
-                out = layer(lw.hidden[b], **lw.kwargs[b])
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                d = (out.float() - ref[b].float())[masks[b].to(out.device)]
-                err += float(d.pow(2).sum())
-                n += d.numel()
-        return err / max(n, 1)
-    return score
-
-
-def block_score(run: Callable[[int], torch.Tensor], items: Sequence[int],
-                lins: Sequence[torch.nn.Linear]) -> Callable[[list[torch.Tensor]], float]:
-    """A `score` for awq_search on the output of the block the Linears `lins` feed (AutoAWQ's module2inspect:
-    q/k/v scored on the attention block's output, o_proj included; gate/up on the MLP's output, down_proj
-    included): run(i) is the block's output [n_i, D] on calibration item i (a batch, or a chunk of rows), the
-    reference taken now with the Linears as they are; the score is mean ‖run(i) − ref_i‖² with the candidate
-    Ŵ in `lins` (all else as it is)."""
-    with torch.no_grad():
-        ref = {i: run(i).detach().double() for i in items}
-
-    @torch.no_grad()
-    def score(w_hat: list[torch.Tensor]) -> float:
-        err, n = 0.0, 0
-        with weights_swapped(lins, w_hat):
-            for i in items:
-                d = run(i).double() - ref[i]
-                err += float(d.pow(2).sum())
-                n += d.numel()
-        return err / max(n, 1)
-    return score
-
-
-@contextmanager
-def weights_swapped(lins: Sequence[torch.nn.Linear], w_hat: Sequence[torch.Tensor]):
-    """The Linears hold the candidate weights inside the block, their own again after it (even on error)."""
-    saved = [lin.weight.detach().clone() for lin in lins]
-    try:
-        for lin, w in zip(lins, w_hat):
-            lin.weight.copy_(w.to(lin.weight.dtype))
-        yield
-    finally:
-        for lin, w in zip(lins, saved):
-            lin.weight.copy_(w)
-
-
-def spread_batches(n_tokens: Sequence[int], target: int) -> list[int]:
-    """Indices of the fewest batches, spread evenly over the (length-sorted) list, that hold ≥ target tokens
-    (all of them if they hold fewer)."""
-    n_b = len(n_tokens)
-    for k in range(1, n_b + 1):
-        picks = sorted({n_b * (j + 1) // k - 1 for j in range(k)})
-        if sum(n_tokens[b] for b in picks) >= target:
-            return picks
-    return list(range(n_b))
-
-
 @torch.no_grad()
 def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Tensor], torch.Tensor],
                 group_size: int, grid: int = 20, max_shrink: float = 0.5, rows: int = 512,
-                normalize_tokens: bool = False,
-                refit_H: Optional[torch.Tensor] = None,
-                step: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    # (group-wise weight quantization only: each group's clip range is its own scale's range)
-    """AWQ's weight clipping: per output row and group, the max |w| (shrunk by 1, 1 − 1/grid, …, 1 − max_shrink)
-    that minimises the group's own output error ‖X_g W_gᵀ − X_g Q(clip(W_g))ᵀ‖² on `rows` calibration rows
-    (normalize_tokens: rows of unit norm, as in awq_search). Returns the clipped weight (quantize it with the same
-    quantizer; min-max then lands on the chosen range).
-
-    refit_H [K, K] (with step(W_g) -> the quantizer's scale [N, 1] of a group): score each candidate as the scale
-    refit that follows will see it: the candidate only picks the RTN codes c = Q(clip(W_g)) / step, and the group
-    scale t is then the least-squares one on H's diagonal block H_g, so the error is
-    min_t (w − t c) H_g (w − t c)ᵀ = w H_g wᵀ − (c H_g wᵀ)² / (c H_g cᵀ) (x and rows unused)."""
-    with _few_threads(w.device):  # hundreds of small ops: see refit_scales
-        if refit_H is not None:
-            return _clip_groups(None, w.float(), fq_weight, group_size, grid, max_shrink, refit_H.float(), step)
+                normalize_tokens: bool = False) -> torch.Tensor:
+    """AWQ's weight clipping (group-wise weight quantization only: each group's clip range is its own scale's
+    range): per output row and group, the max |w| (shrunk by 1, 1 − 1/grid, …, 1 − max_shrink) that minimises
+    the group's own output error ‖X_g W_gᵀ − X_g Q(clip(W_g))ᵀ‖² on `rows` calibration rows (normalize_tokens:
+    rows of unit norm, as in awq_search). Returns the clipped weight (quantize it with the same quantizer;
+    min-max then lands on the chosen range)."""
+    with few_threads(w.device):  # hundreds of small ops: see refit_scales
         x = x.float()
         if x.shape[0] > rows:
             x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
@@ -302,42 +171,21 @@ def clip_search(x: torch.Tensor, w: torch.Tensor, fq_weight: Callable[[torch.Ten
         return _clip_groups(x, w.float(), fq_weight, group_size, grid, max_shrink)
 
 
-def refit_clip_error(wg: torch.Tensor, q: torch.Tensor, step: torch.Tensor, Hg: torch.Tensor) -> torch.Tensor:
-    """Per row of one group: (w − t c) H_g (w − t c)ᵀ at the least-squares t for the codes c = round(q / step)
-    (q = the RTN Ŵ_g, step [N, 1] its scale); rows where that t is not positive keep the RTN error of q."""
-    c = torch.round(q / step.clamp(min=1e-30))
-    cH = c @ Hg
-    num, den = (cH * wg).sum(1), (cH * c).sum(1)
-    whw = ((wg @ Hg) * wg).sum(1)
-    d = wg - q
-    rtn = ((d @ Hg) * d).sum(1)
-    ok = (den > 0) & (num > 0)
-    opt = whw - num.pow(2) / den.clamp(min=1e-30)
-    return torch.where(ok, torch.minimum(opt, rtn), rtn)
-
-
-def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink, refit_H=None, step=None) -> torch.Tensor:
+def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink) -> torch.Tensor:
     out = w.clone()
     n, k = w.shape
     for g0 in range(0, k, group_size):
         wg = w[:, g0:g0 + group_size]
-        if refit_H is None:
-            xg = x[:, g0:g0 + group_size]
-            gram = xg.t() @ xg  # each row's error ‖X_g (w − q)ᵀ‖² = (w − q) X_gᵀX_g (w − q)ᵀ
-        else:
-            gram = refit_H[g0:g0 + group_size, g0:g0 + group_size]
+        xg = x[:, g0:g0 + group_size]
+        gram = xg.t() @ xg  # each row's error ‖X_g (w − q)ᵀ‖² = (w − q) X_gᵀX_g (w − q)ᵀ
         amax = wg.abs().amax(dim=1, keepdim=True)
         best_err = torch.full((n,), float("inf"), device=w.device)
         best = wg.clone()
         for i in range(int(max_shrink * grid) + 1):
             m = amax * (1 - i / grid)
             cand = wg.clamp(-m, m)
-            q = fq_weight(cand)  # one group of the spec's group size: quantized exactly as inside W
-            if refit_H is None:
-                d = wg - q
-                err = ((d @ gram) * d).sum(dim=1) / xg.shape[0]
-            else:
-                err = refit_clip_error(wg, q, step(cand), gram)
+            d = wg - fq_weight(cand)  # one group of the spec's group size: quantized exactly as inside W
+            err = ((d @ gram) * d).sum(dim=1) / xg.shape[0]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best[better] = cand[better]
@@ -346,8 +194,8 @@ def _clip_groups(x, w, fq_weight, group_size, grid, max_shrink, refit_H=None, st
 
 
 def refit_gram(x: torch.Tensor, damp: float = 0.01, unit: bool = True) -> torch.Tensor:
-    """H = 2 XᵀX / n of the unit-norm rows x / ‖x‖ (of the rows as they are with unit=False: rows already
-    weighted, e.g. by guidance), plus damp · mean(diag H) on its diagonal (as GPTQ's)."""
+    """H = 2 XᵀX / n of the unit-norm rows x / ‖x‖ (of the rows as they are with unit=False), plus
+    damp · mean(diag H) on its diagonal (as GPTQ's)."""
     xn = unit_rows(x.float()) if unit else x.float()
     H = 2.0 * xn.t() @ xn / xn.shape[0]
     dampen_(H, damp)
@@ -368,27 +216,19 @@ def refit_hat(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, new_observer,
     return W_hat, scale
 
 
-def refit_quantizer(x: torch.Tensor, spec: QuantSpec, new_observer, damp: float = 0.01, unit: bool = True):
-    """fq_for for awq_search when the scale refit follows: s -> RTN + refit under the inputs x / s."""
-    def for_scale(s: torch.Tensor):
-        H = refit_gram(x / s.to(x.device), damp, unit)
-        return lambda w: refit_hat(w, H.to(w.device), spec, new_observer)[0]
-    return for_scale
-
-
 @torch.no_grad()
 def refit_scales(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, new_observer, rounds: int = 1,
                  damp: float = 0.01, unit: bool = True) -> torch.Tensor:
     """Keep each row's RTN codes (the observer's scales) and re-solve its group scales by least squares on
-    H = XᵀX of the unit-norm rows x / ‖x‖ (of x as it is with unit=False; gptq.refit_row_scales; damped like
+    H = XᵀX of the unit-norm rows x / ‖x‖ (of x as it is with unit=False; refit.refit_row_scales; damped like
     GPTQ's H); `rounds` > 1 re-rounds
     W to the new scales and refits again. Returns Ŵ = s'·codes, which the min-max observer reproduces exactly
     (the extreme codes stay at the ends of the grid); a group for which it would not keeps its input weights."""
     if spec.granularity not in ("channel", "group") or spec.is_float:
         return w
-    # On CPU this runs on one thread (gptq._few_threads, as GPTQ's column loop): it is mostly small per-group ops,
+    # On CPU this runs on one thread (refit.few_threads, as GPTQ's column loop): it is mostly small per-group ops,
     # and with two threads each one waits for both cores, which on a shared 2-core machine made AWQ 5-10x slower.
-    with _few_threads(w.device):
+    with few_threads(w.device):
         return _refit_scales(x, w, spec, new_observer, rounds, damp, unit)
 
 
@@ -437,3 +277,55 @@ def _pin_range(W_hat: torch.Tensor, scale: torch.Tensor, spec: QuantSpec, new_ob
         if done.all():
             break
     return out
+
+
+REFIT_DAMP = 0.01  # refit_scales: λ = REFIT_DAMP · mean(diag H), as gptq.damp's default
+
+
+class AWQ(Algorithm):
+    """Per group, in true-sequential order: search s and fold it into the producer (groups with none, or a
+    Linear producer whose rows do not match, e.g. v_proj → o_proj under grouped-query attention, stay
+    unscaled), then clip and refit each consumer on the inputs it will read (x / s). The weights method (RTN, or
+    GPTQ with awq.gptq) quantizes the result."""
+    wants_inputs = "rows"
+    needs_data = True
+
+    @classmethod
+    def wanted(cls, cfg) -> bool:
+        return cfg.method == "awq"
+
+    def begin(self, model, arch) -> None:
+        if arch.generic:
+            raise UserError(f"method: awq needs to know which op produces each Linear's input, and there is no "
+                            f"architecture mapping for model_type {getattr(model.config, 'model_type', None)!r} "
+                            f"(see quant/architectures.py); use method rtn or gptq")
+        self.clip_skip = () if self.cfg.awq.clip_qk else arch.logit_inputs
+
+    def _clipped(self, name: str) -> bool:
+        """AutoAWQ leaves the Linears behind the attention logits (q/k) unclipped: the logits amplify their
+        error; awq.clip_qk clips them too."""
+        return self.cfg.awq.clip and self.spec.granularity == "group" and name not in self.clip_skip
+
+    def apply(self, layer: Layer) -> None:
+        c, spec = self.cfg.awq, self.spec
+        fq = self.weight_fake_quant()
+        layer.record["awq_alpha"] = {}
+        for g in layer.groups:
+            ws = [layer.linears[n].weight for n in g.consumers]
+            rows = layer.inputs[g.name]
+            x = take_rows(rows, sample_index(sum(r.shape[0] for r in rows), c.search_tokens))
+            producer = layer.producer(g)
+            if producer is not None and not (isinstance(producer, torch.nn.Linear)
+                                             and producer.out_features != ws[0].shape[1]):
+                s, rec = awq_search(x, ws, fq, c.grid, "both", spec.group_size, c.normalize_tokens,
+                                    group_rounds=c.group_rounds)
+                layer.arch.fold_scales(producer, [layer.linears[n] for n in g.consumers], s)
+                layer.record["awq_alpha"][g.producer] = rec["alpha"]
+                x = x / s.to(x.device)  # the consumers now read X / s
+            for n in g.consumers:
+                w = layer.linears[n].weight
+                if self._clipped(n):
+                    w.copy_(clip_search(x, w, fq, spec.group_size, rows=c.clip_tokens,
+                                        normalize_tokens=c.normalize_tokens).to(w.dtype))
+                if c.refit_scales:
+                    w.copy_(refit_scales(x, w, spec, self.new_observer, 1, REFIT_DAMP, unit=True).to(w.dtype))
