@@ -838,10 +838,30 @@ class TrainStudentConfig:
     seed: int = opt(0, "seed")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# export
+
+@dataclass
+class GGUFExportConfig:
+    type: Literal["q8_0", "q4_0", "q4_1"] = opt("q8_0", "GGUF tensor type of the Linear weights (blocks of 32): "
+                                               "q8_0 int8, q4_0 int4 symmetric, q4_1 int4 with an offset")
+
+
+@dataclass
+class ExportConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="dense model exported when no --input artifact is given "
+                             "(format: gguf only; compressed-tensors needs a quantize artifact)")
+    format: Literal["compressed-tensors", "gguf"] = opt("compressed-tensors", "compressed-tensors: a Hugging Face "
+                                                        "model directory that transformers, vLLM and SGLang load; "
+                                                        "gguf: one .gguf file for llama.cpp")
+    gguf: GGUFExportConfig = opt(factory=GGUFExportConfig, help="format: gguf")
+
+
 STAGE_CONFIGS = {
     "distill-data": DistillDataConfig,
     "train-student": TrainStudentConfig,
     "calibrate": CalibrateConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }

@@ -191,6 +191,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def is_quantized_dir(path: Path) -> bool:
+    """A quantized checkpoint `load_quantized` serves: ours, or compressed-tensors / GPTQ / AWQ read as ours."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
@@ -198,7 +199,7 @@ def is_quantized_dir(path: Path) -> bool:
         qc = json.loads(cfg.read_text()).get("quantization_config") or {}
     except json.JSONDecodeError:
         return False
-    return qc.get("quant_method") == QUANT_METHOD
+    return qc.get("quant_method") in (QUANT_METHOD, "compressed-tensors", "gptq", "awq")
 
 
 def load_tokenizer(source: Union[Path, str], revision: Optional[str] = None, trust_remote_code: bool = False):

@@ -10,7 +10,7 @@ def test_version(llmc):
 
 def test_help_lists_every_command_and_option_defaults(llmc):
     r = llmc("--help")
-    for cmd in ("distill-data", "train-student", "calibrate", "quantize", "evaluate", "eval", "run"):
+    for cmd in ("distill-data", "train-student", "calibrate", "quantize", "evaluate", "eval", "export", "run"):
         assert cmd in r.stdout
     r = llmc("quantize", "--help")
     assert r.returncode == 0

@@ -215,7 +215,7 @@ def _bytes(model: nn.Module) -> int:
 
 
 def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter] = None) -> dict:
-    """Stage entry: writes the checkpoint (config.json, model.safetensors, tokenizer) and quant_report.json."""
+    """Stage entry: writes the checkpoint (config.json, llmcompress.safetensors, tokenizer) and quant_report.json."""
     from llmcompress.models import load_model, source_dtype
 
     reporter = reporter or Reporter()

@@ -7,7 +7,7 @@ from torch import nn
 
 from llmcompress.config import ActivationQuantConfig, QuantizeConfig, WeightQuantConfig
 from llmcompress.errors import UserError
-from llmcompress.quant.checkpoint import load_quantized, save_quantized
+from llmcompress.quant.checkpoint import load_quantized, save_quantized, weights_file
 from llmcompress.quant.formats import QuantSpec
 from llmcompress.quant.qlinear import QuantLinear, Scheme, int4_layout_group_size
 from llmcompress.quant.quantize import quantize_model
@@ -94,7 +94,7 @@ def test_same_config_gives_byte_identical_checkpoint(smollm, tmp_path):
         quantize_model(qmodel, c)
         save_quantized(qmodel, tmp_path / run, tok, "rtn", {"weights": "int8"})
         digests.append([hashlib.sha256((tmp_path / run / f).read_bytes()).hexdigest()
-                        for f in ("model.safetensors", "config.json")])
+                        for f in ("llmcompress.safetensors", "config.json")])
     assert digests[0] == digests[1]
 
 
@@ -157,7 +157,7 @@ def test_checkpoint_keeps_the_source_dtype_unless_asked(tmp_path, smollm_path, s
                                                "weights.group_size=32", "activations.format=none",
                                                f"save_dtype={save_dtype}"])
     art = run_stage("quantize", c, tmp_path / "q", resolve_inputs(STAGES["quantize"], c, None, print))
-    with safe_open(str(art.path / "model.safetensors"), "pt") as f:
+    with safe_open(str(weights_file(art.path)), "pt") as f:
         embed = f.get_tensor("model.embed_tokens.weight")
         assert embed.dtype == stored and f.get_tensor("model.norm.weight").dtype == stored
         assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.uint8
