@@ -40,7 +40,7 @@ FP8_ACT_MAX = 448.0
 def weight_spec(w: WeightQuantConfig) -> QuantSpec:
     """The QuantSpec a weights config asks for (int4 asymmetric uses unsigned codes 0..15 with a zero point)."""
     dtype = {"int8": "int8", "int4": "int4" if w.symmetric else "uint4", "fp8": "fp8_e4m3"}[w.format]
-    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype)
+    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype, w.zero_point == "float")
 
 
 def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
@@ -54,7 +54,7 @@ def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme
     group = int4_layout_group_size(spec, in_features) if w.format == "int4" else (
         w.group_size if w.granularity == "group" else in_features)
     return Scheme(w.format, w.granularity, group, w.symmetric, w.scale_dtype,
-                  None if a.format == "none" else a.format, a.dynamic)
+                  None if a.format == "none" else a.format, a.dynamic, w.zero_point == "float")
 
 
 def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Linear]:
@@ -215,8 +215,8 @@ def _bytes(model: nn.Module) -> int:
 
 
 def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter] = None) -> dict:
-    """Stage entry: writes the checkpoint (config.json, model.safetensors, tokenizer) and quant_report.json."""
-    from llmcompress.models import load_model
+    """Stage entry: writes the checkpoint (config.json, llmcompress.safetensors, tokenizer) and quant_report.json."""
+    from llmcompress.models import load_model, source_dtype
 
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
@@ -233,7 +233,8 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
         config["gptq"] = asdict(cfg.gptq)
     if cfg.smoothquant.enabled:
         config["smoothquant"] = asdict(cfg.smoothquant)
-    save_quantized(model, out_dir, tok, cfg.method, config)
+    save_dtype = source_dtype(model_cfg) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+    save_quantized(model, out_dir, tok, cfg.method, config, dtype=save_dtype)
     bf16 = sum(r["bf16_bytes"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
     finite = [r["sqnr_db"] for r in rows if r["sqnr_db"] != float("inf")]
