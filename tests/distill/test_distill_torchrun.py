@@ -59,6 +59,12 @@ TRAIN = {"steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps
          "save_every": 2, "max_length": 96, "eval_fraction": 0.2, "alpha": 0.5, "temperature": 2.0}
 
 
+@pytest.fixture(scope="module")
+def one_rank(tiny_teacher, ts_data, tmp_path_factory):
+    """The reference: one process, uninterrupted (`parallel` does nothing in one process)."""
+    return _one_rank(tiny_teacher, ts_data, tmp_path_factory.mktemp("ts1") / "one")
+
+
 def _one_rank(tiny_teacher, data, out, reporter=None, **kw):
     cfg = from_dict(TrainStudentConfig, {"teacher": {"name": str(tiny_teacher)}, **TRAIN, **kw})
     return run_stage("train-student", cfg, out, StageInputs(artifact=data, model=cfg.teacher), reporter or Reporter())
@@ -78,8 +84,8 @@ def _close(a, b, key):
     return [x[key] for x in a] == pytest.approx([y[key] for y in b], rel=1e-5, abs=1e-6)
 
 
-def test_ddp_two_ranks_follow_the_loss_curve_of_one(tiny_teacher, ts_data, workdir):
-    one = _one_rank(tiny_teacher, ts_data, workdir / "one")
+def test_ddp_two_ranks_follow_the_loss_curve_of_one(tiny_teacher, ts_data, one_rank, workdir):
+    one = one_rank
     outs = _two_ranks(tiny_teacher, ts_data, workdir / "two", workdir)
     assert [o["world_size"] for o in outs] == [2, 2] and {o["parallel"] for o in outs} == {"ddp"}
     assert outs[0]["param_fingerprint"] == outs[1]["param_fingerprint"]  # the replicas stayed in sync
@@ -90,10 +96,10 @@ def test_ddp_two_ranks_follow_the_loss_curve_of_one(tiny_teacher, ts_data, workd
     assert not list(workdir.glob(".two.work-*"))  # the driver removed rank 0's work dir (checkpoints)
 
 
-def test_fsdp_resumes_a_one_rank_checkpoint_on_two_ranks(tiny_teacher, ts_data, workdir):
+def test_fsdp_resumes_a_one_rank_checkpoint_on_two_ranks(tiny_teacher, ts_data, one_rank, workdir):
     """One process is killed after step 5 (checkpoint of step 4); two FSDP processes resume it and finish with
     the curve and weights of one uninterrupted process: full-state checkpoints cross world sizes and modes."""
-    whole = _one_rank(tiny_teacher, ts_data, workdir / "whole", parallel="fsdp")
+    whole = one_rank
 
     class Kill(Reporter):
         def update(self, **kw):
