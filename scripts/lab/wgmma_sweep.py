@@ -1,9 +1,9 @@
-"""Sweep the Hopper W4A16 wgmma kernel's tile variants (LLMC_W4_WGMMA: tokens x warpgroups x stages, listed in
+"""Sweep the Hopper W4A16 wgmma kernel's tile variants (the W4_WGMMA knob: tokens x warpgroups x stages, listed in
 w4a16_sm90.cu) over shapes and M, in one process, against torch's bf16 matmul timed in the same run; each
 variant's output is checked against a float64 product of the dequantized weight first.
 
-The extension reads the knob on the host at every launch, so setting os.environ before a CUDA graph is captured
-selects what the graph replays. Timing is bench_kernels.py's (graph over rotating weight copies, > 2x L2).
+The extension reads the knob on the host at every launch (ops.force_cuda_variant), so forcing it before a CUDA
+graph is captured selects what the graph replays. Timing is bench_kernels.py's (graph over rotating weight copies, > 2x L2).
 
   python scripts/lab/wgmma_sweep.py --m 64,128,256 --shapes 4096:4096,8192:8192 --variants default,5,7
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,10 +27,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="64,128")
     ap.add_argument("--shapes", default="4096:4096")
-    ap.add_argument("--variants", default="default", help="LLMC_W4_WGMMA values; 'default': run()'s choice of "
-                    "variant; 'gemv': no wgmma kernel (LLMC_W4_SM90_MAX_M=0)")
+    ap.add_argument("--variants", default="default", help="W4_WGMMA values; 'default': run()'s choice of "
+                    "variant; 'gemv': no wgmma kernel (W4_SM90_MAX_M=0)")
     args = ap.parse_args()
-    os.environ["LLMC_W4_SM90_MIN_M"] = "1"  # the wgmma kernel at every M swept
     cache = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"{torch.cuda.get_device_name(0)}; us (ratio to bf16)")
     for shape in args.shapes.split(","):
@@ -49,15 +47,15 @@ def main() -> None:
             bf16 = time_op("cuda", lambda i: (lambda: x @ w_bf16[i].t()), copies)
             cells = []
             for v in args.variants.split(","):
-                os.environ.pop("LLMC_W4_WGMMA", None)
-                os.environ.pop("LLMC_W4_SM90_MAX_M", None)
+                knobs = {"W4_SM90_MIN_M": 1}  # the wgmma kernel at every M swept
                 if v == "gemv":  # not the wgmma kernel: what run() has without it (the gemv or tiled kernel)
-                    os.environ["LLMC_W4_SM90_MAX_M"] = "0"
+                    knobs["W4_SM90_MAX_M"] = 0
                 elif v != "default":
-                    os.environ["LLMC_W4_WGMMA"] = v
-                err = (ops.w4a16_linear(x, packed[0]).double() - ref).abs().max().item() / ref.abs().max().item()
-                assert err < 2e-2, f"variant {v} M={m} K={k} N={n}: relative error {err:.3g}"
-                t = time_op("cuda", lambda i: (lambda: ops.w4a16_linear(x, packed[i])), copies)
+                    knobs["W4_WGMMA"] = int(v)
+                with ops.force_cuda_variant(**knobs):
+                    err = (ops.w4a16_linear(x, packed[0]).double() - ref).abs().max().item() / ref.abs().max().item()
+                    assert err < 2e-2, f"variant {v} M={m} K={k} N={n}: relative error {err:.3g}"
+                    t = time_op("cuda", lambda i: (lambda: ops.w4a16_linear(x, packed[i])), copies)
                 cells.append(f"{v} {t * 1e6:6.1f} ({bf16 / t:.2f})")
             print(f"K={k} N={n} M={m}: bf16 {bf16 * 1e6:6.1f} | " + " | ".join(cells), flush=True)
         del packed, w_bf16, codes
