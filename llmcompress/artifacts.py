@@ -24,7 +24,7 @@ from typing import Optional
 from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the manifest carries `self_sha256`, the hash of everything else in it
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -37,6 +37,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def manifest_self_sha256(manifest: dict) -> str:
+    """The hash a manifest records of itself: every key but `self_sha256`, so an edit to the recorded config,
+    inputs, meta or file list is detected (a checksum against mistakes and stale edits, not a signature)."""
+    return sha256_json({k: v for k, v in manifest.items() if k != "self_sha256"})
 
 
 def _versions() -> dict:
@@ -95,6 +101,23 @@ def is_artifact(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def check_replaceable(out: Path, what: str = "output") -> None:
+    """An artifact may be written only where nothing of the user's is lost: a path that does not exist, an empty
+    directory, or an earlier llmc artifact. A file, a symlink or a directory holding other things is refused."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ArtifactError(f"{out}: {what}: is a symlink; refusing to replace it (name a plain path)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out}: {what}: is an existing file; refusing to replace it with an artifact "
+                            f"directory (choose another path)")
+    manifest = out / MANIFEST
+    if not (manifest.is_file() and not manifest.is_symlink()) and any(out.iterdir()):
+        raise ArtifactError(f"{out}: {what}: is a non-empty directory that is not an llmc artifact; refusing to "
+                            f"replace it (choose another path or remove it)")
+
+
 def read_artifact(path, stages: Optional[tuple[str, ...]] = None, verify_hashes: bool = True) -> Artifact:
     """Open an artifact, refusing one whose manifest is missing, incomplete, from the wrong stage, or whose
     files are missing, escape the directory, or fail their sha256."""
@@ -102,10 +125,14 @@ def read_artifact(path, stages: Optional[tuple[str, ...]] = None, verify_hashes:
     mpath = path / MANIFEST
     if not path.is_dir():
         raise ArtifactError(f"{path}: artifact directory not found")
-    if not mpath.is_file():
+    if mpath.is_symlink():
+        raise ArtifactError(f"{mpath}: is a symlink; an artifact's manifest must be a regular file inside it")
+    if not mpath.exists():
         raise ArtifactError(f"{mpath}: manifest missing (not an llmc artifact, or an incomplete one)")
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: is not a regular file")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: manifest is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("complete") is not True:
@@ -114,14 +141,24 @@ def read_artifact(path, stages: Optional[tuple[str, ...]] = None, verify_hashes:
         raise ArtifactError(f"{mpath}: stage: expected an artifact of stage {' or '.join(stages)}, "
                             f"got {manifest.get('stage')!r}")
     files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{mpath}: files: expected a mapping of file -> sha256")
-    for rel, entry in files.items():
+    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+        raise ArtifactError(f"{mpath}: files: expected a mapping of file -> {{sha256, size}}")
+    for rel in files:
         full = _safe_relpath(path, rel)
         if full.is_symlink():
             raise ArtifactError(f"{mpath}: files: {rel!r} is a symlink; artifacts hold plain files only")
-        if not full.is_file():
+        if not full.exists():
             raise ArtifactError(f"{full}: file listed in the manifest is missing")
+        if not full.is_file():
+            raise ArtifactError(f"{mpath}: files: {rel!r} is not a regular file")
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ArtifactError(f"{mpath}: manifest_version: expected {MANIFEST_VERSION}, got "
+                            f"{manifest.get('manifest_version')!r} (written by another llmc version; rerun the stage)")
+    if manifest.get("self_sha256") != manifest_self_sha256(manifest):
+        raise ArtifactError(f"{mpath}: self_sha256: the manifest was edited after it was written (its recorded "
+                            f"config, inputs or file list no longer match its hash); rerun the stage")
+    for rel, entry in files.items():
+        full = path / rel
         if full.stat().st_size != entry.get("size"):
             raise ArtifactError(f"{full}: size {full.stat().st_size} != {entry.get('size')} in the manifest "
                                 f"(truncated or tampered)")
@@ -209,9 +246,12 @@ class ArtifactWriter:
             "platform": platform.platform(),
             "versions": _versions(),
         }
+        manifest = json.loads(json.dumps(manifest, default=str))  # hash what a reader will load (int keys -> str)
+        manifest["self_sha256"] = manifest_self_sha256(manifest)
         tmp_manifest = self.dir / (MANIFEST + ".part")
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         os.replace(tmp_manifest, self.dir / MANIFEST)
+        check_replaceable(self.out)
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"

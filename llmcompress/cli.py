@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a gate failed (evaluate), 2 bad input (config, artifact
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ from . import __version__
 from .config import STAGE_CONFIGS, load_config
 from .errors import GateFailed, LlmcError, UserError
 from .progress import RichReporter
+from .artifacts import is_artifact
 from .stages import STAGES, cache_key, resolve_inputs, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -108,6 +110,14 @@ def _setup_logging(debug: bool, quiet: bool):
             pass
 
 
+def _say(kind: str, msg: str) -> None:
+    """One line on stderr, whatever the message holds (a user's path may carry a newline or '[tag]')."""
+    from rich.markup import escape
+
+    one_line = msg.replace("\r", "\\r").replace("\n", "\\n")
+    err_console.print(f"[bold red]{kind}:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
+
+
 def _guard(fn, debug: bool):
     """Run `fn`, turning every failure into one line on stderr and the documented exit code."""
     try:
@@ -115,51 +125,99 @@ def _guard(fn, debug: bool):
     except typer.Exit:
         raise
     except GateFailed as e:
-        err_console.print(f"[bold red]gate failed:[/] {e}", highlight=False)
+        _say("gate failed", str(e))
         raise typer.Exit(1)
     except LlmcError as e:
         if debug:
             traceback.print_exc()
-        kind = "error" if isinstance(e, UserError) else "failed"
-        err_console.print(f"[bold red]{kind}:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        _say("error" if isinstance(e, UserError) else "failed", str(e))
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]: no artifact was written")
         raise typer.Exit(130)
+    except OSError as e:
+        if e.errno not in _PATH_ERRNOS or e.filename is None:
+            return _failed(e, debug)
+        # a path the user named that is missing, of the wrong kind or not theirs to touch: bad input, not a crash
+        if debug:
+            traceback.print_exc()
+        _say("error", f"{e.filename}: {e.strerror or e.__class__.__name__}")
+        raise typer.Exit(2)
     except MemoryError:
         if debug:
             traceback.print_exc()
         err_console.print("[bold red]failed:[/] out of memory")
         raise typer.Exit(3)
     except Exception as e:  # a bug or an environment failure: one line, exit 3
-        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
-            # Ctrl-C/SIGTERM that landed inside an import surfaces as ImportError: still an interruption
-            err_console.print("[bold red]interrupted[/]: no artifact was written")
-            raise typer.Exit(130)
-        if debug:
-            traceback.print_exc()
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if len(msg) > 300:  # some library errors put a whole dump on one line
-            msg = msg[:300] + " ..."
-        err_console.print(f"[bold red]failed:[/] {e.__class__.__name__}: {msg} (rerun with --debug for the "
-                          f"traceback)", highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(3)
+        _failed(e, debug)
+
+
+def _failed(e: Exception, debug: bool):
+    if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+        # Ctrl-C/SIGTERM that landed inside an import surfaces as ImportError: still an interruption
+        err_console.print("[bold red]interrupted[/]: no artifact was written")
+        raise typer.Exit(130)
+    if debug:
+        traceback.print_exc()
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(msg) > 300:  # some library errors put a whole dump on one line
+        msg = msg[:300] + " ..."
+    _say("failed", f"{e.__class__.__name__}: {msg} (rerun with --debug for the traceback)")
+    raise typer.Exit(3)
+
+
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST, errno.ENOTEMPTY}
 
 
 def execute(stage: str, config: Optional[Path], overrides: List[str], input_path: Optional[Path], output: Path,
-            quiet: bool, as_json: bool, debug: bool, tweak=None) -> dict:
-    """Shared body of every stage command (also used by `llmc run`)."""
+            quiet: bool, as_json: bool, debug: bool, tweak=None, flags: Optional[dict] = None) -> dict:
+    """Shared body of every stage command (also used by `llmc run`). `flags` maps option name -> (key, value) for
+    CLI options that set a config key: they are validated as overrides, and an error names the option."""
     _setup_logging(debug, quiet or as_json)
 
     def body():
+        from .config import parse_override, to_dict
+        from .paths import check_output, check_writable, config_paths
+
         _install_signal_handlers()
-        cfg = load_config(STAGE_CONFIGS[stage], config, overrides or [])
+        flag_sets = [f"{key}={json.dumps(value)}" for key, value in (flags or {}).values()]
+        cfg = load_config(STAGE_CONFIGS[stage], config, (overrides or []) + flag_sets,
+                          flags={key: opt for opt, (key, _) in (flags or {}).items()})
         if tweak is not None:
             cfg = tweak(cfg)
+        check_writable(output, "--output")  # before an input artifact is read and hashed
         reporter = RichReporter(err_console, quiet=quiet or as_json)
-        say = reporter.info
-        inputs = resolve_inputs(STAGES[stage], cfg, input_path, say)
-        art = run_stage(stage, cfg, output, inputs, reporter, cache_key(stage, cfg, inputs))
+        said: list[str] = []  # shown once the output is known good, so a refusal stays one line
+        inputs = resolve_inputs(STAGES[stage], cfg, input_path, said.append)
+        named = [("--config", config)] if config else []
+        for what, art in (("--input", inputs.artifact), ("calibration", inputs.calibration)):
+            if art is not None:
+                named.append((what, art.path))
+        if inputs.model is not None:
+            from .models import resolve_model
+
+            model_key = f"{STAGES[stage].model_key}.name" if input_path is None else "--input"
+            resolve_model(inputs.model.name, model_key)  # a mistyped path fails here, not after a hub timeout
+            named.append(("the model", Path(inputs.model.name)))
+        for key, name in [("baseline", getattr(cfg, "baseline", None))] + [
+                (f"compare[{i}]", c) for i, c in enumerate(getattr(cfg, "compare", []))]:
+            if name and not is_artifact(Path(name).expanduser()):
+                from .models import resolve_model
+
+                resolve_model(name, key)
+        check_output(output, named + config_paths(to_dict(cfg)), "--output")
+        set_keys = {parse_override(o)[0] for o in overrides or []}
+
+        def origin(key: str) -> str:
+            return "--set" if key in set_keys else str(config) if config else "<defaults>"
+
+        def announce():  # the last refusals (memory, calibration binding) come before these lines
+            for line in said:
+                reporter.info(line)
+
+        art = run_stage(stage, cfg, output, inputs, reporter, cache_key(stage, cfg, inputs), origin=origin,
+                        announce=announce)
         summary = art.manifest.get("summary", {})
         _print_summary(stage, summary, art.path, quiet, as_json)
         if summary.get("gates_failed"):
@@ -243,22 +301,24 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
              baseline: Optional[str] = BaselineOpt, limit: Optional[int] = LimitOpt, quiet: bool = QuietOpt,
              as_json: bool = JsonOpt, debug: bool = DebugOpt):
     """Perplexity, lm-eval accuracy, speed/memory/latency; compare with a baseline; exit 1 on a missed gate."""
+    flags = {}  # validated like --set, so `--limit -1` is refused as `--set tasks.limit=-1` is
+    if ppl:
+        flags["--ppl"] = ("ppl.enabled", True)
+    if speed:
+        flags["--speed"] = ("speed.enabled", True)
+    if tasks is not None:
+        flags["--tasks"] = ("tasks.names", [t.strip() for t in tasks.split(",") if t.strip()])
+    if limit is not None:
+        flags["--limit"] = ("tasks.limit", limit)
+    if baseline is not None:
+        flags["--baseline"] = ("baseline", baseline)
+
     def tweak(cfg):
-        if ppl:
-            cfg.ppl.enabled = True
-        if speed:
-            cfg.speed.enabled = True
-        if tasks:
-            cfg.tasks.names = [t.strip() for t in tasks.split(",") if t.strip()]
-        if limit is not None:
-            cfg.tasks.limit = limit
-        if baseline:
-            cfg.baseline = baseline
         if not (cfg.ppl.enabled or cfg.speed.enabled or cfg.tasks.names):
             cfg.ppl.enabled = True  # a bare `llmc eval` measures perplexity rather than nothing
         return cfg
 
-    execute("evaluate", config, set_, input_path, output, quiet, as_json, debug, tweak=tweak)
+    execute("evaluate", config, set_, input_path, output, quiet, as_json, debug, tweak=tweak, flags=flags)
 
 
 # `eval` is the same command under a second name (one function, so options and behaviour cannot drift apart)

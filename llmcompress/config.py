@@ -214,10 +214,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str]]:
 
 def read_yaml(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a YAML config file")
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: config file not found" if not path.exists() else f"{path}: not a regular file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML config file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -230,16 +234,21 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(cls, path: Optional[Path] = None, overrides: Optional[list[str]] = None):
-    """Read `path` (optional: defaults alone are a valid config), apply `--set` overrides, validate."""
+def load_config(cls, path: Optional[Path] = None, overrides: Optional[list[str]] = None,
+                flags: Optional[dict[str, str]] = None):
+    """Read `path` (optional: defaults alone are a valid config), apply `--set` overrides, validate.
+    `flags` maps a key an override sets to the CLI option that set it (`tasks.limit` -> `--limit`), so an error in
+    it names that option; any other override's error names `--set`."""
     source = str(path) if path else "<defaults>"
     data = read_yaml(path) if path else {}
     data, keys = apply_overrides(data, list(overrides or []))
     try:
         return from_dict(cls, data, source)
     except ConfigError as e:
-        if any(e.key == k or e.key.startswith(k + ".") or e.key.startswith(k + "[") for k in keys):
-            raise ConfigError("--set", e.key, e.expected, e.got, has_got=e.has_got) from None
+        for k in reversed(keys):  # the last override of a key is the one that counts
+            if e.key == k or e.key.startswith((k + ".", k + "[")) or k.startswith(e.key + "."):
+                raise ConfigError((flags or {}).get(k, "--set"), e.key, e.expected, e.got,
+                                  has_got=e.has_got) from None
         raise
 
 
@@ -292,6 +301,66 @@ class DataConfig:
     max_length: int = opt(512, "tokens per sample (longer samples are truncated)", ge=8)
     shuffle: bool = opt(True, "sample rows at random (seeded) rather than the first N")
 
+    def check(self):
+        problem = data_source_problem(self.source)
+        if problem:
+            raise Invalid("source", problem, self.source)
+        problem = template_problem(self.template)
+        if problem:
+            raise Invalid("template", problem, self.template)
+
+
+DATA_SUFFIXES = (".txt", ".md", ".raw", "", ".json", ".jsonl", ".tsv", ".csv")
+
+
+def data_source_problem(source: str) -> Optional[str]:
+    """What is wrong with a dataset name (None if nothing is): an unknown builtin, a directory or other non-file,
+    an unsupported file type, or a path-like name that does not exist. Other names are hub datasets."""
+    if source.startswith("builtin:"):
+        if source.split(":", 1)[1] not in BUILTIN_DATA:
+            return "builtin:NAME with NAME one of " + ", ".join(sorted(BUILTIN_DATA))
+        return None
+    try:
+        p = Path(source).expanduser()
+        exists = p.exists()
+    except (OSError, ValueError):
+        return "a dataset file path or hub dataset name"
+    if exists:
+        if p.is_dir():
+            return "a dataset file, not a directory"
+        if not p.is_file():
+            return "a regular dataset file"
+        if p.suffix.lower() not in DATA_SUFFIXES:
+            return "a .txt, .json, .jsonl, .tsv or .csv file"
+        return None
+    if (not source.strip() or source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+            or Path(source.split(":", 1)[0]).suffix.lower() in (".txt", ".json", ".jsonl", ".tsv", ".csv")):
+        return "an existing dataset file (not found)"
+    return None
+
+
+def template_problem(template: str, allowed: Optional[tuple[str, ...]] = None) -> Optional[str]:
+    """A row template may only name fields, `{instruction}`: positional fields (`{}`, `{0}`), attribute or index
+    access (`{0.__class__}`, `{a[b]}`) and nested specs are refused, as they can only be mistakes or probes."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"a Python format string with named fields ({e})"
+    for _, name, spec, _conv in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            return "named fields only, e.g. {instruction}; positional fields such as {} or {0} are refused"
+        if any(c in name for c in ".[]"):
+            return "plain field names only, e.g. {instruction}; attribute or index access is refused"
+        if spec and "{" in spec:
+            return "field formats without nested {fields}"
+        if allowed is not None and name not in allowed:
+            return "only the fields " + ", ".join("{" + a + "}" for a in allowed)
+    return None
+
 
 BUILTIN_DATA = {
     "wikitext2_test": "wikitext2_test.txt",
@@ -316,7 +385,8 @@ class CalibrateConfig:
     model: ModelConfig = opt(factory=ModelConfig, help="the model to calibrate")
     data: DataConfig = opt(factory=_default_calib_data, help="calibration samples (never an evaluation split)")
     batch_size: int = opt(8, "samples per forward pass", ge=1)
-    percentiles: list[float] = opt(factory=lambda: [99.0, 99.9, 99.99], help="activation |x| percentiles to record")
+    percentiles: list[float] = opt(factory=lambda: [99.0, 99.9, 99.99], help="activation |x| percentiles to record",
+                                   min_len=1)
     histogram_bins: int = opt(2048, "bins of each per-layer |x| histogram (bounds observer memory)", ge=16)
     weights: bool = opt(True, "also record weight statistics")
     kv_cache: bool = opt(True, "record k_proj/v_proj outputs for KV-cache scales")
@@ -338,8 +408,8 @@ class WeightQuantConfig:
     symmetric: bool = opt(True, "symmetric (zero point 0) or asymmetric")
     granularity: Literal["tensor", "channel", "group"] = opt("channel", "one scale per tensor, output channel, "
                                                              "or group of input columns")
-    group_size: int = opt(128, "columns per group when granularity is 'group' (a ragged last group is allowed)",
-                          ge=1)
+    group_size: int = opt(128, "columns per group when granularity is 'group' (a ragged last group is allowed; "
+                          "a group longer than every selected layer's rows is refused)", ge=1, le=65536)
     observer: Literal["minmax", "percentile", "clip", "mse", "kl"] = opt("minmax", "how a range becomes a scale")
     percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
     clip_threshold: Optional[float] = opt(None, "fixed |x| clipping threshold T for the 'clip' observer", gt=0.0)
@@ -438,7 +508,8 @@ class QuantizeConfig:
     weights: WeightQuantConfig = opt(factory=WeightQuantConfig, help="weight quantization")
     activations: ActivationQuantConfig = opt(factory=ActivationQuantConfig, help="activation quantization")
     kv_cache: KVCacheQuantConfig = opt(factory=KVCacheQuantConfig, help="KV-cache quantization")
-    include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize")
+    include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize",
+                             min_len=1)
     exclude: list[str] = opt(factory=lambda: ["lm_head", "*embed*"], help="patterns kept in high precision")
     seed: int = opt(0, "seed for anything random")
 
@@ -466,6 +537,14 @@ class QuantizeConfig:
         if a.format == "fp8" and w.format != "fp8":
             raise Invalid("activations.format", "none or weights.format fp8: fp8 activations need fp8 weights",
                           a.format)
+        for key in ("include", "exclude"):
+            for i, pattern in enumerate(getattr(self, key)):
+                if not pattern.strip():
+                    raise Invalid(f"{key}[{i}]", "a non-empty fnmatch pattern", pattern)
+        for i, pattern in enumerate(self.exclude):
+            if set(pattern) == {"*"}:
+                raise Invalid(f"exclude[{i}]", "a pattern that leaves some layer to quantize ('*' excludes every "
+                              "layer)", pattern)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,6 +564,13 @@ class PerplexityConfig:
     max_tokens: Optional[int] = opt(None, "use only the first N tokens of the split (quick runs, e.g. 16384); "
                                     "null = the whole split", ge=16)
     batch_size: int = opt(1, "windows per forward pass", ge=1)
+
+    def check(self):
+        problem = data_source_problem(self.dataset)
+        if problem:
+            raise Invalid("dataset", problem, self.dataset)
+        if self.stride is not None and self.stride > self.seq_len:
+            raise Invalid("stride", f"a stride <= seq_len ({self.seq_len}); a longer one skips tokens", self.stride)
 
 
 @dataclass
@@ -666,6 +752,11 @@ class ClassificationConfig:
                           ge=1)
     teacher_batch_size: int = opt(16, "examples per teacher scoring forward pass", ge=1)
     latency_examples: int = opt(32, "examples timed one at a time for per-example latency", ge=1)
+
+    def check(self):
+        problem = template_problem(self.prompt, allowed=("text",))
+        if problem:
+            raise Invalid("prompt", problem, self.prompt)
 
 
 @dataclass

@@ -24,6 +24,8 @@ def resolve_source(source: str) -> Path | str:
         return ASSETS / BUILTIN_DATA[name]
     p = Path(source).expanduser()
     if p.exists():
+        if not p.is_file():
+            raise UserError(f"{source}: expected a dataset file, got a {'directory' if p.is_dir() else 'special file'}")
         return p
     if source.startswith((".", "/", "~")) or Path(source).suffix in {".txt", ".json", ".jsonl", ".tsv", ".csv"}:
         raise UserError(f"{source}: dataset file not found")
@@ -79,6 +81,10 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     rows = _read_file_rows(where) if isinstance(where, Path) else _hub_rows(where, split)
     if not rows:
         raise UserError(f"{source}: dataset is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{source}: row {i + 1}: expected a mapping of field -> value, got "
+                            f"{type(row).__name__} {str(row)[:40]!r}")
     return rows
 
 
@@ -100,6 +106,8 @@ def format_row(row: dict, template: str) -> str:
             return template.format(**row)
         except KeyError as e:
             raise UserError(f"template: field {e.args[0]!r} not in the data (fields: {', '.join(row)})") from None
+        except (IndexError, ValueError, AttributeError, TypeError) as e:  # config validation refuses these first
+            raise UserError(f"template: {template!r} cannot format a row ({e.__class__.__name__}: {e})") from None
     if isinstance(row.get("text"), str):
         return row["text"]
     return "\n".join(str(v) for v in row.values() if isinstance(v, str) and v.strip())

@@ -9,6 +9,7 @@ safetensors directory under the cache (LLMC_CACHE, default ~/.cache/llmcompress)
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -90,24 +91,87 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PREFIX = "hub:"  # forces a name to be read as a Hugging Face hub id, never as a local path
 
 
-def resolve_model(name: str) -> Union[Path, str]:
-    """A local directory or file as a Path, the embedded default's cache directory, or a hub id string."""
+def resolve_model(name: str, key: str = "model.name") -> Union[Path, str]:
+    """A local directory or file as a Path, the embedded default's cache directory, or a hub id string.
+
+    A name that does not exist locally is a hub id only when it is written `hub:ORG/NAME`, or when it has the
+    hub's `ORG/NAME` shape and ORG is not a local directory. Anything else (`./x`, `runs/calibrat` when `runs/`
+    exists, `a/b/c`, `model.gguf`, a single word) is a mistyped path: an error at once, not a minute of hub
+    retries."""
+    if name.startswith(HUB_PREFIX):
+        hub_id = name[len(HUB_PREFIX):]
+        if not re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", hub_id):
+            raise UserError(f"{name}: {key}: expected hub:ORG/NAME")
+        return hub_id
     if name.lower() in EMBEDDED_ALIASES:
         return embedded_model_dir()
     p = Path(name).expanduser()
     if p.exists():
         if p.is_dir() and not (p / "config.json").is_file():
-            raise UserError(f"{p}: not a model directory (no config.json)")
-        if p.is_file() and p.suffix != ".gguf":
-            raise UserError(f"{p}: not a model (expected a model directory or a .gguf file)")
+            raise UserError(f"{p}: {key}: not a model directory (no config.json)")
+        if not p.is_dir() and p.suffix != ".gguf":
+            raise UserError(f"{p}: {key}: not a model (expected a model directory or a .gguf file)")
+        if not p.is_dir() and not p.is_file():
+            raise UserError(f"{p}: {key}: not a regular file")
         return p
-    looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
-    if looks_local or not _HUB_ID.match(name):
-        raise UserError(f"{name}: model path does not exist")
+    looks_local = (name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix in (".gguf", ".safetensors")
+                   or not _HUB_ID.match(name) or Path(name.split("/", 1)[0]).is_dir())
+    if looks_local:
+        raise UserError(f"{name}: {key}: model path does not exist (for a hub model write {HUB_PREFIX}ORG/NAME)")
     return name
+
+
+def weights_fingerprint(source: Union[Path, str]) -> Optional[str]:
+    """sha256 binding an artifact to the exact weights it was made from: over config.json and every
+    *.safetensors / *.gguf file of the model (names and contents, in name order), or over the .gguf file itself.
+    A hub id is fingerprinted through its local snapshot (None if the hub cache has none). File hashes are cached
+    by (path, size, mtime, inode) under the llmc cache, so a 16 GB model is read once, not at every stage."""
+    from .artifacts import sha256_file
+
+    if isinstance(source, str):
+        try:
+            from huggingface_hub import snapshot_download
+
+            source = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # not in the local hub cache: nothing to hash before it is downloaded
+            return None
+    source = Path(source)
+    files = [source] if source.is_file() else sorted(
+        [*source.glob("*.safetensors"), *source.glob("*.gguf"), source / "config.json"])
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f"{f.name}\0{_cached_sha256(f, sha256_file)}\n".encode())
+    return h.hexdigest()
+
+
+def _cached_sha256(path: Path, sha256_file) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = cache_root() / "hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = sha256_file(path)
+    known[key] = digest
+    known = dict(list(known.items())[-1000:])  # bounded: the oldest entries go first
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.parent / f".hashes.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:  # a read-only cache only costs the rehash next time
+        pass
+    return digest
 
 
 def resolve_device(device: str) -> torch.device:

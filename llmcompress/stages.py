@@ -68,8 +68,10 @@ def model_of_artifact(art: Artifact, fallback: ModelConfig) -> ModelConfig:
     artifact names the model it measured."""
     if art.stage in ("train-student", "quantize"):
         return replace(fallback, name=str(art.path))
-    if art.stage == "calibrate":
-        return from_dict(ModelConfig, art.manifest["config"]["model"], f"{art.path}/manifest.json", "config.model")
+    if art.stage == "calibrate":  # meta.model is the model it ran on (an --input model dir is not in config)
+        key = "meta.model" if isinstance(art.meta.get("model"), dict) else "config.model"
+        recorded = art.meta["model"] if key == "meta.model" else art.manifest.get("config", {}).get("model")
+        return from_dict(ModelConfig, recorded, f"{art.path}/manifest.json", key)
     raise ArtifactError(f"{art.path}: a {art.stage} artifact holds no model")
 
 
@@ -90,10 +92,17 @@ def resolve_inputs(spec: StageSpec, cfg, input_path: Optional[Path], say: Callab
             say(f"{spec.name}: no input artifact; using model {model_cfg.name!r} from the config")
         return StageInputs(model=model_cfg)
     input_path = Path(input_path)
+    hub = str(input_path).startswith("hub:")
+    if not hub and not input_path.exists() and not input_path.is_symlink():
+        raise ArtifactError(f"{input_path}: --input: no such artifact or model directory (for a hub model write "
+                            f"hub:ORG/NAME)")
     if not is_artifact(input_path):
         if spec.model_key is None or spec.name == "train-student":
-            raise ArtifactError(f"{input_path}: not an llmc artifact (manifest.json missing)")
+            raise ArtifactError(f"{input_path}: --input: not an llmc artifact (manifest.json missing)")
         # a plain model directory (or hub id) as the input of a model-consuming stage
+        from .models import resolve_model
+
+        resolve_model(str(input_path), "--input")  # not a model: one line now, not a loader error later
         return StageInputs(model=replace(model_cfg, name=str(input_path)))
     art = read_artifact(input_path, spec.accepts or None)
     inputs = StageInputs(artifact=art)
@@ -127,20 +136,32 @@ def up_to_date(out: Path, key: str) -> bool:
 
 
 def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional[Reporter] = None,
-              key: Optional[str] = None) -> Artifact:
+              key: Optional[str] = None, origin: Optional[Callable[[str], str]] = None,
+              announce: Optional[Callable[[], None]] = None) -> Artifact:
+    """`origin(key)` names where a config key was set (the config file or `--set`), for the refusals that blame
+    a key after validation (the memory check); `announce()` is called once every check has passed, before work."""
     spec = STAGES[name]
     reporter = reporter or Reporter()
     out = Path(out)
     clean_stale(out)
     key = key or cache_key(name, cfg, inputs)
-    estimate = None
+    estimate, fingerprint = None, None
     if inputs.model is not None:
-        from .models import resolve_model
+        from .models import resolve_model, weights_fingerprint
 
         source = resolve_model(inputs.model.name)  # a missing model is bad input: refuse before any work
         estimate = memory_estimate(name, cfg, inputs.model, source)
         if estimate is not None:
-            check_fits(estimate, f"{name} on {inputs.model.name}")
+            keys = memory_keys(name, cfg)
+            where = origin(keys[0][0]) if origin else "<config>"
+            check_fits(estimate, f"{where}: {', '.join(f'{k}={v}' for k, v in keys)}: {name} on "
+                                 f"{inputs.model.name}")
+        if name == "calibrate" or inputs.calibration is not None:
+            fingerprint = weights_fingerprint(source)
+        if inputs.calibration is not None:
+            check_calibration_model(inputs.calibration, inputs.model.name, fingerprint)
+    if announce is not None:
+        announce()
     fn = spec.fn
     inputs = replace(inputs, work_dir=out.parent / f".{out.name}.work-{key[:16]}")
     if int(os.environ.get("RANK", "0")) != 0:
@@ -154,6 +175,8 @@ def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional
         writer.summary = summary
         if inputs.model is not None:
             writer.meta["model"] = to_dict(inputs.model)
+        if name == "calibrate":  # a hub model is in the local cache only once the stage has loaded it
+            writer.meta["model_weights_sha256"] = fingerprint or weights_fingerprint(source)
         writer.meta["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
         if estimate is not None:
             writer.meta["memory_estimate_mb"] = round(estimate / 2**20, 1)
@@ -172,13 +195,34 @@ def memory_estimate(stage: str, cfg, model_cfg: ModelConfig, source) -> Optional
     weights = weights_bytes(source, width)
     if weights is None:
         return None
-    if stage == "evaluate":
-        batch, seq = cfg.ppl.batch_size, cfg.ppl.seq_len
-    else:
-        data = getattr(cfg, "data", None) or getattr(cfg, "prompts", None)
-        batch, seq = getattr(cfg, "batch_size", 1), getattr(data, "max_length", getattr(cfg, "max_length", 512))
+    (_, batch), (_, seq) = memory_keys(stage, cfg)
     factor = 3.0 if stage == "train-student" else 1.2  # training: weights + grads + Adam moments, for a student
     return int(weights * factor + activation_bytes(source, batch, seq))
+
+
+def memory_keys(stage: str, cfg) -> list[tuple[str, int]]:
+    """The (key, value) pairs that size a stage's activations: its batch size and sequence length."""
+    if stage == "evaluate":
+        return [("ppl.batch_size", cfg.ppl.batch_size), ("ppl.seq_len", cfg.ppl.seq_len)]
+    section = "data" if hasattr(cfg, "data") else "prompts" if hasattr(cfg, "prompts") else None
+    seq = (f"{section}.max_length", getattr(cfg, section).max_length) if section else \
+        ("max_length", getattr(cfg, "max_length", 512))
+    return [("batch_size", getattr(cfg, "batch_size", 1)), seq]
+
+
+def check_calibration_model(calibration: Artifact, model_name: str, fingerprint: Optional[str]) -> None:
+    """A calibration artifact is bound to the weights it measured by their fingerprint (models.weights_fingerprint),
+    not by the model's name: statistics of other weights are refused before any work."""
+    recorded = calibration.meta.get("model_weights_sha256")
+    where = f"{calibration.path / 'manifest.json'}: meta.model_weights_sha256"
+    if recorded is None:
+        raise ArtifactError(f"{where}: missing; the artifact does not say which weights it measured (rerun "
+                            f"`llmc calibrate`)")
+    if fingerprint is None:
+        raise ArtifactError(f"{where}: cannot check {model_name}: it is not a local model or in the local hub cache")
+    if recorded != fingerprint:
+        raise ArtifactError(f"{where}: the calibration was measured on other weights than those of {model_name} "
+                            f"now; rerun `llmc calibrate` on this model")
 
 
 def stage_config_class(name: str):

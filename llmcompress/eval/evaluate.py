@@ -149,7 +149,7 @@ def run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter) -> dict:
     resolved = [(role, *_model_for(spec, candidate)) for role, spec in plan]
     for role, mcfg, _ in resolved:
         if mcfg is not None:
-            resolve_model(mcfg.name)
+            resolve_model(mcfg.name, role)
     resolve_model(candidate.name)
 
     text_cache: dict = {}

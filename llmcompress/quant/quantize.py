@@ -104,6 +104,10 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     linears = select_linears(model, cfg.include, cfg.exclude)
     if not linears:
         raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
+    longest = max(lin.in_features for lin in linears.values())
+    if cfg.weights.granularity == "group" and cfg.weights.group_size > longest:
+        raise UserError(f"weights.group_size: {cfg.weights.group_size} is longer than every selected layer's rows "
+                        f"(at most {longest} columns); a group of at most {longest} (or granularity: channel)")
     check_finite(linears)
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)

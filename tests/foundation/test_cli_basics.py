@@ -42,5 +42,5 @@ def test_missing_config_file_exits_2(llmc, tmp_path):
 def test_missing_model_exits_2(llmc, tmp_path):
     r = llmc("calibrate", "--set", "model.name=./nowhere", "--json", "--output", str(tmp_path / "o"),
              cwd=tmp_path)
-    assert r.returncode == 2 and "./nowhere: model path does not exist" in r.stderr
+    assert r.returncode == 2 and "./nowhere: model.name: model path does not exist" in r.stderr
     assert r.stdout.strip() == "" or json.loads(r.stdout)

@@ -16,5 +16,5 @@ def test_top_level_layout_is_exactly_the_documented_one():
     if not tracked:  # not a git checkout (e.g. an sdist): nothing to check
         return
     top = {p.split("/")[0] for p in tracked}
-    assert top <= {"pyproject.toml", "llmcompress", "configs", "tests", "scripts", "README.md", ".ci",
+    assert top <= {"pyproject.toml", "llmcompress", "configs", "tests", "scripts", "docs", "README.md", ".ci",
                    ".gitignore"}, top
