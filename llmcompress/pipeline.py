@@ -18,7 +18,7 @@ from .paths import check_output, component_problem, config_paths, is_within
 from .progress import Reporter
 from .stages import STAGES, cache_key, resolve_inputs, run_stage, up_to_date
 
-StageName = Literal["distill-data", "train-student", "calibrate", "quantize", "evaluate"]
+StageName = Literal["distill-data", "train-student", "calibrate", "quantize", "evaluate", "export"]
 
 
 @dataclass

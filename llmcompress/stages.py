@@ -1,4 +1,4 @@
-"""The five stages, how each finds its input, and the one driver that runs a stage into an artifact.
+"""The six stages, how each finds its input, and the one driver that runs a stage into an artifact.
 
 A stage is `run(cfg, out_dir, inputs, reporter) -> summary dict`: it writes files into `out_dir` (a temporary
 directory), knows nothing of the terminal, and raises UserError for bad input. `run_stage` wraps it with the
@@ -30,6 +30,7 @@ class StageSpec:
     default_input: Optional[str]  # stage whose default output feeds this one when --input is omitted
     accepts: tuple[str, ...]  # artifact stages accepted as --input
     model_key: Optional[str]  # the config field naming the model this stage loads ("model", "teacher")
+    check: Optional[str] = None  # "module:function" (cfg, inputs) -> None that refuses bad input before any work
 
     @property
     def fn(self) -> Callable:
@@ -47,7 +48,9 @@ STAGES = {
     "quantize": StageSpec("quantize", "llmcompress.quant.quantize:run", "runs/quantize",
                           "calibrate", ("calibrate", "train-student"), "model"),
     "evaluate": StageSpec("evaluate", "llmcompress.eval.evaluate:run", "runs/evaluate",
-                          "quantize", ("quantize", "train-student"), "model"),
+                          "quantize", ("quantize", "train-student", "export"), "model"),
+    "export": StageSpec("export", "llmcompress.export.stage:run", "runs/export",
+                        "quantize", ("quantize", "train-student"), "model", "llmcompress.export.stage:check"),
 }
 
 
@@ -68,6 +71,9 @@ def model_of_artifact(art: Artifact, fallback: ModelConfig) -> ModelConfig:
     artifact names the model it measured."""
     if art.stage in ("train-student", "quantize"):
         return replace(fallback, name=str(art.path))
+    if art.stage == "export":  # a compressed-tensors model directory, or one .gguf file
+        gguf_file = art.manifest.get("summary", {}).get("gguf_file")
+        return replace(fallback, name=str(art.path / gguf_file) if gguf_file else str(art.path))
     if art.stage == "calibrate":  # meta.model is the model it ran on (an --input model dir is not in config)
         key = "meta.model" if isinstance(art.meta.get("model"), dict) else "config.model"
         recorded = art.meta["model"] if key == "meta.model" else art.manifest.get("config", {}).get("model")
@@ -160,6 +166,9 @@ def run_stage(name: str, cfg, out: Path, inputs: StageInputs, reporter: Optional
             fingerprint = weights_fingerprint(source)
         if inputs.calibration is not None:
             check_calibration_model(inputs.calibration, inputs.model.name, fingerprint)
+    if spec.check:
+        mod, func = spec.check.split(":")
+        getattr(importlib.import_module(mod), func)(cfg, inputs)
     if announce is not None:
         announce()
     fn = spec.fn

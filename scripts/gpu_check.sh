@@ -20,4 +20,4 @@ print('backends:', ops.backend('cpu'), ops.backend('cuda'))
 assert ops.backend('cuda') != 'reference', 'CUDA kernels did not build'
 "; } 2>&1 | tail -40 | tee -a "$OUT/build.log"
 timeout 150 python3 -m pytest -q -rf --tb=line --maxfail=40 tests/kernels -p no:cacheprovider > "$OUT/tests.log" 2>&1; grep -E "^E |Error|^FAILED|passed|failed" "$OUT/tests.log" | tail -45
-timeout ${BENCH_TIMEOUT:-240} python3 scripts/bench_kernels.py --device cuda --out "$OUT/h100" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_kernels.py --device cuda --out "$OUT/h100" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -121,9 +121,13 @@ def encode(rows: list[dict], tok, max_length: int, use_ids: bool, art=None, stor
     return out
 
 
+SPLIT_SEED = 0
+
+
 def split(examples: list, cfg: TrainStudentConfig) -> tuple[list, list]:
-    """(train, held-out): a seeded eval_fraction of the rows is held out."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    """(train, held-out): an eval_fraction of the rows is held out. The split's seed is fixed, not cfg.seed, so
+    runs that differ only in their seed score the same held-out rows and none trains on another's held-out."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_eval = max(1, round(cfg.eval_fraction * len(examples)))
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
@@ -227,6 +231,10 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
         from .task_student import run as run_classifier
 
         return run_classifier(cfg, out_dir, inputs, reporter)
+    if cfg.task == "ranking":
+        from .rank_student import run as run_ranker
+
+        return run_ranker(cfg, out_dir, inputs, reporter)
     if inputs is None or inputs.artifact is None or inputs.artifact.stage != "distill-data":
         raise UserError("train-student: needs a distill-data artifact as --input (run `llmc distill-data`)")
 
@@ -299,6 +307,8 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
         start, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
         reporter.info(f"train-student: resuming from step {start} ({ckpt_path})")
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0, tokens = time.perf_counter(), 0
     for step in reporter.track(range(start, cfg.steps), total=cfg.steps - start, description="training"):
         lr = lr_at(step, cfg)
@@ -335,7 +345,12 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
                         "history": history, "evals": evals}, tmp)
             os.replace(tmp, ckpt_path)  # a kill mid-save leaves the previous checkpoint whole
 
+    train_s = time.perf_counter() - t0  # includes the periodic held-out evaluations and checkpoints
     summary = {"steps": cfg.steps, "resumed_from_step": start, "world_size": world,
+               # every process's tokens (padding excluded) over the loop's wall time
+               "tokens_per_s": round(tokens * world / max(train_s, 1e-9), 1),
+               "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda"
+               else None,
                "student_layers": student.config.num_hidden_layers,
                "student_params": sum(p.numel() for p in student.parameters()),
                # float64 sum of every weight: equal across torchrun ranks iff DDP kept them in sync

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models import is_quantized_dir, load_model, resolve_model
 from ..progress import Reporter
 from .gates import check_gates, require_measurements
-from .harness import check_task_names, run_tasks
+from .harness import check_tasks, run_tasks
 from .perplexity import perplexity
 from .report import comparison_rows, write_report
 from .speed import checkpoint_size_bytes, measure_speed
@@ -125,7 +125,8 @@ def evaluate_model(model_cfg: ModelConfig, role: str, cfg: EvaluateConfig, repor
         if cfg.tasks.names:
             tasks = run_tasks(model, tok, cfg.tasks.names, limit=cfg.tasks.limit, num_fewshot=cfg.tasks.num_fewshot,
                               batch_size=cfg.tasks.batch_size, bootstrap_iters=cfg.tasks.bootstrap_iters,
-                              data_dir_path=cfg.tasks.data_dir, max_gen_toks=cfg.tasks.max_gen_toks,
+                              data_dir_path=cfg.tasks.data_dir,
+                              include_path=cfg.tasks.include_path, max_gen_toks=cfg.tasks.max_gen_toks,
                               seed=cfg.seed, reporter=reporter)
             result["tasks_meta"] = tasks.pop("_meta")
             result["tasks"] = tasks
@@ -141,7 +142,7 @@ def evaluate_model(model_cfg: ModelConfig, role: str, cfg: EvaluateConfig, repor
 
 def run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter) -> dict:
     require_measurements(cfg)
-    check_task_names(cfg.tasks.names)
+    check_tasks(cfg.tasks.names, cfg.tasks.data_dir, cfg.tasks.include_path)
     candidate = inputs.model or cfg.model
     plan: list[tuple[str, str]] = ([("baseline", cfg.baseline)] if cfg.baseline else []) + \
         [("compare", c) for c in cfg.compare]
@@ -165,6 +166,7 @@ def run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter) -> dict:
     settings = {"measured": _measured_settings(cfg), "tasks": {**asdict(cfg.tasks)}}
     if results[-1].get("tasks_meta"):
         settings["tasks"]["lm_eval_version"] = results[-1]["tasks_meta"].get("lm_eval_version")
+        settings["tasks"]["data"] = results[-1]["tasks_meta"].get("data", {})
     files = write_report(out_dir, results, settings, failed, asdict(cfg.gates))
 
     cand = results[-1]

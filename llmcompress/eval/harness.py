@@ -1,5 +1,10 @@
 """lm-eval over our own models: an `lm_eval` LM that scores with a plain forward pass, and one call that runs
-`lm_eval.simple_evaluate` with the task configs shipped in `llmcompress/eval/tasks` on the index.
+`lm_eval.simple_evaluate` with the task configs shipped in `llmcompress/eval/tasks` (and a user's folder of task
+YAMLs, `tasks.include_path`) on the index.
+
+Tasks come from three places, each checked before a model is loaded: the shipped llmc_* tasks read local files
+from `tasks.data_dir` or $LLMC_DATA_DIR; stock lm-eval names (arc_easy, hellaswag, ...) read the Hugging Face hub;
+a user's own task is a YAML path (`--tasks my_task.yaml`) or a task in `tasks.include_path`.
 
 The LM takes a loaded (model, tokenizer) pair, so an unquantized model, one whose Linears were swapped for our
 QuantLinear, and a distilled student all go through the same code: whatever `model(input_ids).logits` returns
@@ -10,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +30,7 @@ from .perplexity import model_context
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DATA_DIR_ENV = "LLMC_DATA_DIR"
-DEFAULT_DATA_DIR = "../shared/data"  # relative to the working directory: the project's layout
+HUB_PROBE_TIMEOUT_S = 5  # offline, datasets otherwise retries for minutes before it gives up
 MAX_LENGTH_CAP = 4096  # an 8k-context 135M model does not need 8k-token batches to score short MC requests
 
 
@@ -32,9 +40,10 @@ def _lm_base():
     return TemplateLM
 
 
-def data_dir(configured: Optional[str] = None) -> Path:
-    """Where the local task configs read their files: the config key, else $LLMC_DATA_DIR, else ../shared/data."""
-    return Path(configured or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
+def data_dir(configured: Optional[str] = None) -> Optional[Path]:
+    """Where the llmc_* tasks read their files: tasks.data_dir, else $LLMC_DATA_DIR, else None (not set)."""
+    value = configured or os.environ.get(DATA_DIR_ENV)
+    return Path(value).expanduser().resolve() if value else None
 
 
 class LlmcLM(_lm_base()):
@@ -209,20 +218,90 @@ def local_tasks() -> list[str]:
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
-def check_task_names(names: list[str]) -> None:
-    """A misspelt shipped task fails before any model is loaded (stock names are checked by lm-eval)."""
+def _is_yaml(name: str) -> bool:
+    return name.endswith((".yaml", ".yml"))
+
+
+def _included_tasks(include_path: Optional[str]) -> set[str]:
+    """Task, group and tag names defined by the YAML files under include_path (lm-eval's own index reads them
+    again; this only tells a user's task from a stock one)."""
+    if not include_path:
+        return set()
+    names = set()
+    for f in Path(include_path).expanduser().rglob("*.y*ml"):
+        names |= set(re.findall(r"^(?:task|group|tag):\s*['\"]?([\w.\-]+)", f.read_text(errors="replace"), re.M))
+    return names
+
+
+def stock_tasks(names: list[str], include_path: Optional[str] = None) -> list[str]:
+    """The names that are neither shipped llmc_* tasks, YAML paths nor tasks of include_path: lm-eval's own."""
+    mine = _included_tasks(include_path)
+    return [n for n in names if not n.startswith("llmc_") and not _is_yaml(n) and n not in mine]
+
+
+def _hub_unreachable() -> Optional[str]:
+    """None if the Hugging Face hub answers (or the user asked for offline mode, where datasets reads its cache),
+    else why not, in a few words."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # DNS, refused, timeout, proxy: all mean the same to the user
+        return e.__class__.__name__
+    return None
+
+
+def check_tasks(names: list[str], data_dir_path: Optional[str] = None, include_path: Optional[str] = None) -> None:
+    """Fail at once, in one line, on a task that cannot run: a misspelt llmc_* name, a llmc_* task without its
+    data folder or files, a task YAML or include folder that does not exist, a stock task with the hub offline."""
+    from .tasks.utils import missing_files
+
     bad = [n for n in names if n.startswith("llmc_") and n not in local_tasks()]
     if bad:
         raise UserError(f"tasks.names: unknown {', '.join(bad)}; shipped local tasks: {', '.join(local_tasks())}")
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"tasks.include_path: {include_path} is not a folder")
+    for n in names:
+        if _is_yaml(n) and not Path(n).expanduser().is_file():
+            raise UserError(f"tasks.names: task file {n} does not exist")
+    local = [n for n in names if n.startswith("llmc_")]
+    if local:
+        ddir = data_dir(data_dir_path)
+        if ddir is None:
+            raise UserError(f"tasks {', '.join(local)} read local files: set tasks.data_dir or ${DATA_DIR_ENV} to "
+                            f"the folder that holds them, or name the stock lm-eval task "
+                            f"({', '.join(n.removeprefix('llmc_') for n in local)}), which reads the hub")
+        if not ddir.is_dir():
+            raise UserError(f"tasks.data_dir / ${DATA_DIR_ENV}: {ddir} is not a folder (the llmc_* tasks read "
+                            f"their files from it)")
+        for n in local:
+            missing = missing_files(n, ddir)
+            if missing:
+                raise UserError(f"task {n}: {missing[0]} not found (set tasks.data_dir or ${DATA_DIR_ENV} to the "
+                                f"folder that holds it)")
+    stock = stock_tasks(names, include_path)
+    if stock:
+        why = _hub_unreachable()
+        if why:
+            local_twins = [f"llmc_{n}" for n in stock if f"llmc_{n}" in local_tasks()]
+            hint = (f"use {', '.join(local_twins)} with tasks.data_dir, " if local_twins else "") + \
+                "set HF_HUB_OFFLINE=1 to read datasets already cached, or pass a task YAML"
+            raise UserError(f"tasks {', '.join(stock)}: stock lm-eval tasks read the Hugging Face hub, which is "
+                            f"unreachable ({why}); {hint}")
 
 
 def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None,
               num_fewshot: Optional[int] = None, batch_size: int = 8, bootstrap_iters: int = 1000,
-              max_gen_toks: int = 256,
-              data_dir_path: Optional[str] = None, seed: int = 0, reporter: Optional[Reporter] = None) -> dict:
-    """Run lm-eval tasks; returns {task: {metric: value, metric_stderr: value, ...}} with lm-eval's metric
-    names (the ',none' filter suffix kept only where a task has several filters, as for gsm8k)."""
+              max_gen_toks: int = 256, data_dir_path: Optional[str] = None, include_path: Optional[str] = None,
+              seed: int = 0, reporter: Optional[Reporter] = None) -> dict:
+    """Run lm-eval tasks (names as check_tasks accepts them); returns {task: {metric: value, metric_stderr: value,
+    ...}} with lm-eval's metric names (the ',none' filter suffix kept only where a task has several filters, as
+    for gsm8k), and under "_meta" what each task read."""
     import lm_eval
+    from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
     import datasets
@@ -233,31 +312,51 @@ def run_tasks(model, tokenizer, names: list[str], *, limit: Optional[int] = None
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     ddir = data_dir(data_dir_path)
+    includes = [str(TASKS_DIR)] + ([str(Path(include_path).expanduser())] if include_path else [])
     # the stock index holds thousands of YAML files; scan it only when a stock task is asked for
-    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(names) <= set(local_tasks()),
-                     metadata={"llmc_data_dir": str(ddir)})
+    tm = TaskManager(include_path=includes, include_defaults=bool(stock_tasks(names, include_path)),
+                     metadata={"llmc_data_dir": str(ddir or "")})
     lm = LlmcLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, reporter=reporter)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+        with ExitStack() as stack:
+            # lm-eval records the git hash of the working directory (printing "fatal: not a git repository"
+            # outside one) and torch's environment report: neither describes the model, and the manifest
+            # already records the versions that matter
+            stack.enter_context(mock.patch.object(evaluator, "get_git_commit_hash", lambda: None))
+            stack.enter_context(mock.patch.object(evaluator, "add_env_info", lambda storage: None))
+            out = evaluator.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit,
+                                            task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False,
+                                            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                            fewshot_random_seed=seed)
     except KeyError as e:
         if "not a registered" not in str(e):
             raise
         raise UserError(f"tasks: {e.args[0]} (shipped local tasks: {', '.join(local_tasks())}; stock lm-eval "
                         f"task names need the hub)") from None
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"tasks {', '.join(names)}: {msg} (local task data is read from {ddir}; set "
-                        f"tasks.data_dir or ${DATA_DIR_ENV})") from None
+        raise UserError(f"tasks {', '.join(names)}: {msg}") from None
     finally:
         if bars:
             datasets.enable_progress_bars()
     return {task: _clean_metrics(metrics) for task, metrics in out["results"].items()} | {
         "_meta": {"n_samples": out.get("n-samples", {}), "versions": out.get("versions", {}),
                   "n_shot": out.get("n-shot", {}), "lm_eval_version": lm_eval.__version__
-                  if hasattr(lm_eval, "__version__") else None}}
+                  if hasattr(lm_eval, "__version__") else None,
+                  "data": {task: task_data(c) for task, c in out.get("configs", {}).items()}}}
+
+
+def task_data(config: dict) -> str:
+    """What a task scored, in words: a shipped task's own `metadata.data` line, else its dataset and split."""
+    described = (config.get("metadata") or {}).get("data")
+    if described:
+        return described
+    source = " ".join(str(config[k]) for k in ("dataset_path", "dataset_name") if config.get(k))
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files:
+        source += f" {files}"
+    split = next((f"{config[k]} split" for k in ("test_split", "validation_split") if config.get(k)), "")
+    return ", ".join(p for p in (source or "custom dataset", split) if p)
 
 
 def _clean_metrics(metrics: dict) -> dict:

@@ -182,6 +182,8 @@ def write_report(out_dir: Path, results: list[dict], settings: dict, gates_faile
         md += ["## Tasks", "", f"lm-eval {t.get('lm_eval_version', '')}, tasks {', '.join(t['names'])}, limit "
                f"{t['limit']}, few-shot {t['num_fewshot'] if t['num_fewshot'] is not None else 'task default'}; "
                f"metric names and stderrs are lm-eval's.", ""]
+        md += [f"- {task}: {data}" for task, data in sorted(t.get("data", {}).items())] + \
+            ([""] if t.get("data") else [])
     if any(r.get("speed") for r in results):
         s = next(r["speed"] for r in results if r.get("speed"))
         pr = s["protocol"]

@@ -15,9 +15,9 @@ An `Architecture` entry says, for one family (matched on `model.config.model_typ
                  consumers  Linear names relative to the decoder layer
   norm_offset  the norms compute x̂ · (offset + weight): 0 (Llama), 1 (Gemma: folding s gives
                w' = (1 + w) / s − 1)
-  kv           (k, v): the modules whose outputs are the cached keys and values, relative to the decoder layer, or
-               None where no module outputs them separately (Phi-3's fused qkv_proj): KV-cache quantization is
-               refused there
+  kv           (k, v): the modules whose outputs are the cached keys and values, relative to the decoder layer
+               (Phi-3: both its fused qkv_proj, whose k and v column blocks kvcache.py quantizes), or None where
+               they are not known: KV-cache quantization is refused there
   logit_inputs the Linears whose outputs make the attention logits (AWQ does not clip them by default)
   llama_residual  x + o_proj(attn(norm(x))), then h + down_proj(mlp(post_attention_layernorm(h))): the fused
                GPTQ pass may compute the layer that way (it still checks on one batch that the result is exact)
@@ -103,15 +103,20 @@ ARCHITECTURES = (
     Architecture("gemma", ("gemma2", "gemma3_text", "gemma3"),
                  _llama_like(mlp_producer="pre_feedforward_layernorm"), norm_offset=1.0),
     # Phi-3: fused qkv_proj and gate_up_proj; o_proj reads attention over the v rows of qkv_proj and down_proj
-    # reads up ⊙ act(gate), half of gate_up_proj's rows: no single producer to fold into
+    # reads up ⊙ act(gate), half of gate_up_proj's rows: no single producer to fold into; the cached keys and
+    # values are qkv_proj's k and v column blocks
     Architecture("phi3", ("phi3",),
                  (Group("qkv", "input_layernorm", ("self_attn.qkv_proj",)),
                   Group("o", None, ("self_attn.o_proj",)),
                   Group("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",)),
                   Group("down", None, ("mlp.down_proj",))),
-                 kv=None, logit_inputs=("self_attn.qkv_proj",)),
+                 kv=("self_attn.qkv_proj", "self_attn.qkv_proj"), logit_inputs=("self_attn.qkv_proj",)),
     # OLMo 2: norms after attention and MLP, none before: q/k/v and gate/up read the residual stream itself
     Architecture("olmo2", ("olmo2",), _llama_like(qkv_producer=None, mlp_producer=None)),
+    # Mixtral, Qwen3-MoE: attention as Llama / Qwen3; the MLP is a float router and experts stored as 3-D
+    # parameters, which experts.py quantizes per expert (no Linear group; a dense Qwen3-MoE MLP layer's Linears
+    # get groups of their own, unscaled)
+    Architecture("moe", ("mixtral", "qwen3_moe"), _llama_like()[:2]),
 )
 
 GENERIC = Architecture("generic", (), (), kv=None)

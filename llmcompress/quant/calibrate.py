@@ -28,6 +28,7 @@ from llmcompress.config import CalibrateConfig
 from llmcompress.errors import ArtifactError, UserError
 from llmcompress.progress import Reporter
 
+from .experts import expert_modules, watching_inputs
 from .layerwise import Layerwise, make_batches
 from .observers import Histogram, Observer
 
@@ -126,7 +127,9 @@ class CalibrationStats:
 
 def calibrate_model(model: nn.Module, batches: list[dict], cfg: CalibrateConfig,
                     reporter: Optional[Reporter] = None) -> dict[str, dict[str, TensorStats]]:
-    """{module name: {"input"/"output"/"weight": TensorStats}} for every Linear, one decoder layer at a time."""
+    """{module name: {"input"/"output"/"weight": TensorStats}} for every Linear, one decoder layer at a time; and
+    {"<experts>.<gate_up_proj|down_proj>.<e>": {"input": ...}} for each MoE expert (3-D weights, experts.py) over
+    the tokens routed to it."""
     reporter = reporter or Reporter()
     lw = Layerwise(model, batches)
     names = {m: n for n, m in model.named_modules()}
@@ -147,17 +150,33 @@ def calibrate_model(model: nn.Module, batches: list[dict], cfg: CalibrateConfig,
             seen[id(x)][1].update(x[mask])
         rec.setdefault("output", new()).update(out[mask])
 
+    def expert_input(key: str, rows: torch.Tensor) -> None:
+        stats.setdefault(key, {}).setdefault("input", new()).update(rows)
+
     steps = [(i, b) for i in range(len(lw)) for b in range(len(batches))]
-    handles = []
-    for i, b in reporter.track(steps, total=len(steps), description="calibrate"):
-        if b == 0:
-            handles = [m.register_forward_hook(hook) for m in lw.layers[i].modules() if isinstance(m, nn.Linear)]
-            reporter.update(layer=i)
-        seen.clear()
-        lw.run(i, update=True, batches=[b])
-        if b == len(batches) - 1:
-            for h in handles:
-                h.remove()
+    handles, watching = [], None
+    try:
+        for i, b in reporter.track(steps, total=len(steps), description="calibrate"):
+            if b == 0:
+                handles = [m.register_forward_hook(hook) for m in lw.layers[i].modules() if isinstance(m, nn.Linear)]
+                prefix = names[lw.layers[i]]
+                moe = {f"{prefix}.{rel}": m for rel, m in expert_modules(lw.layers[i]).items()}
+                watching = watching_inputs(moe, expert_input, lw.token_mask)
+                watching.__enter__()
+                reporter.update(layer=i)
+            seen.clear()
+            lw.run(i, update=True, batches=[b])
+            if b == len(batches) - 1:
+                for h in handles:
+                    h.remove()
+                handles = []
+                watching.__exit__(None, None, None)
+                watching = None
+    finally:
+        for h in handles:
+            h.remove()
+        if watching is not None:
+            watching.__exit__(None, None, None)
     # layers outside the decoder stack that read its final states (lm_head, after the final norm)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)

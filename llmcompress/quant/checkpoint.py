@@ -2,7 +2,7 @@
 
     config.json              the model's config plus `quantization_config` (below)
     generation_config.json, tokenizer files
-    model.safetensors        every tensor of the model's state dict (tied weights stored once); the
+    llmcompress.safetensors  every tensor of the model's state dict (tied weights stored once); the
                              QuantLinear buffers of each quantized module `<name>`:
         int8  <name>.w_q int8 [N, K]; <name>.w_scale float32 [N] (per channel; per tensor is stored
               broadcast to [N]) or [N, G] (per group); <name>.w_zero int8, same shape (asymmetric only)
@@ -21,6 +21,9 @@
     config        the quantize stage's weights/activations/kv_cache settings, as given
     modules       {module name: scheme} for every quantized Linear; a scheme is
                   {weight_format, granularity, group_size, symmetric, scale_dtype, act_format, act_dynamic}
+    experts       (MoE models only) {experts module: {num_experts, hidden_dim, intermediate_dim, act}}: each
+                  rebuilt as a QuantExperts (experts.py) whose per-expert weights `<experts>.gate_up_proj.<e>`
+                  and `<experts>.down_proj.<e>` are listed in `modules` and stored like any quantized Linear
 Only safetensors and JSON are written (no pickle); equal inputs give byte-identical files.
 """
 
@@ -37,12 +40,19 @@ from torch import nn
 from llmcompress.errors import UserError
 from llmcompress.models import QUANT_METHOD
 
+from .experts import experts_config, restore_experts
 from .kvcache import restore_kv_quant
 from .qlinear import QuantLinear, Scheme
 
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
+# Not model.safetensors: plain transformers (and vLLM) know no "llmcompress" quant_method, skip it with a warning
+# and would fill every Linear with random weights (ppl 1e16) from a file they half understand. Without a
+# model.safetensors they refuse ("no file named model.safetensors"). `llmc export` writes what they load.
+WEIGHTS_FILE = "llmcompress.safetensors"
+LEGACY_WEIGHTS_FILE = "model.safetensors"  # checkpoints written before the rename
+# quantization_config.quant_method of other tools' checkpoints that load_quantized also reads
+FOREIGN_METHODS = ("compressed-tensors", "gptq", "awq")
 
 
 def quantization_config(modules: dict[str, Scheme], method: str = "rtn", config: Optional[dict] = None) -> dict:
@@ -68,18 +78,28 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, method: str = "rtn",
-                   config: Optional[dict] = None) -> dict:
-    """Write `model` (with QuantLinear modules swapped in) as a checkpoint; returns its quantization_config."""
+                   config: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Write `model` (with QuantLinear modules swapped in) as a checkpoint; returns its quantization_config.
+    `dtype`: what the unquantized tensors (parameters outside QuantLinear, QuantLinear biases) are stored in,
+    recorded as config.json's dtype; None keeps the model's own. Codes and scales keep their formats' dtypes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = _unique_state(model)
+    if dtype is not None:
+        dense = {n for n, _ in model.named_parameters()} | {
+            f"{n}.bias" for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bias is not None}
+        state.update({n: t.to(dtype) for n, t in state.items() if n in dense and t.is_floating_point()})
     bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t.float()).all()]
     if bad:
         raise UserError(f"refusing to write a checkpoint with NaN/Inf in: {', '.join(bad[:10])}"
                         + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
     qc = quantization_config(quantized_modules(model), method, config)
+    if experts_config(model):
+        qc["experts"] = experts_config(model)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg["quantization_config"] = qc
     # one metadata key only: safetensors writes a multi-key mapping in hash order, so bytes would differ per run
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -89,6 +109,12 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None, 
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return qc
+
+
+def weights_file(path: Union[str, Path]) -> Path:
+    """The tensors file of one of our checkpoints (llmcompress.safetensors, or model.safetensors if older)."""
+    p = Path(path) / WEIGHTS_FILE
+    return p if p.is_file() or not (Path(path) / LEGACY_WEIGHTS_FILE).is_file() else Path(path) / LEGACY_WEIGHTS_FILE
 
 
 def read_quantization_config(path: Union[str, Path]) -> dict:
@@ -117,14 +143,22 @@ def swap_in(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                    dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Rebuild the model of a checkpoint written by `save_quantized`: float modules in `dtype` (default: the
-    dtype recorded in config.json), QuantLinear modules with the stored tensors, bit for bit."""
+    """Rebuild the model of a checkpoint written by `save_quantized` (or a compressed-tensors, GPTQ or AWQ
+    checkpoint, read as ours): float modules in `dtype` (default: the dtype recorded in config.json), QuantLinear
+    modules with the stored tensors, bit for bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    qc = read_quantization_config(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    foreign = (raw.get("quantization_config") or {}).get("quant_method") in FOREIGN_METHODS
+    if foreign:  # another tool's layout, read as ours (llmcompress/export/)
+        from llmcompress.export.imports import translate
+
+        qc, state = translate(path, raw)
+    else:
+        qc = read_quantization_config(path)
+        state = None
     raw.pop("quantization_config")
     model_type = raw.pop("model_type", None)
     if model_type is None:
@@ -134,6 +168,7 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    restore_experts(model, qc.get("experts", {}))
     for name, scheme_dict in qc["modules"].items():
         try:
             linear = model.get_submodule(name)
@@ -143,17 +178,21 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         scheme = Scheme.from_dict(scheme_dict)
         swap_in(model, name, QuantLinear(linear.in_features, linear.out_features, scheme,
                                          bias=linear.bias is not None, dtype=dtype))
-    state = load_file(str(path / WEIGHTS_FILE))
+    wfile = path / LEGACY_WEIGHTS_FILE if foreign else weights_file(path)
+    if state is None:
+        state = load_file(str(wfile))
+    for key in [k for k in state if k.endswith(".input_perm")]:  # GPTQ act-order read as ours (gptq_import.py)
+        permute_inputs(model.get_submodule(key.rsplit(".", 1)[0]), state.pop(key))
     expected = set(model.state_dict())
     missing = expected - set(state)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise UserError(f"{path / WEIGHTS_FILE}: unexpected tensors {result.unexpected_keys[:5]}")
+        raise UserError(f"{wfile}: unexpected tensors {result.unexpected_keys[:5]}")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     still_missing = [k for k in missing if not _tied_key(model, k)]
     if still_missing:
-        raise UserError(f"{path / WEIGHTS_FILE}: missing tensors {sorted(still_missing)[:5]}")
+        raise UserError(f"{wfile}: missing tensors {sorted(still_missing)[:5]}")
     # assign=True keeps stored dtypes; float parameters follow the requested compute dtype
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
@@ -167,6 +206,12 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         model.tie_weights()
     restore_kv_quant(model, qc.get("config", {}).get("kv_cache"))  # KV-cache scales recorded by kvcache.py
     return model.to(device).eval()
+
+
+def permute_inputs(module: nn.Module, perm: torch.Tensor) -> None:
+    """The module's stored columns are the input columns in the order `perm`: it computes on x[..., perm]."""
+    module.register_buffer("input_perm", perm.long(), persistent=False)
+    module.register_forward_pre_hook(lambda m, args: (args[0].index_select(-1, m.input_perm), *args[1:]))
 
 
 def _tied_key(model: nn.Module, key: str) -> bool:

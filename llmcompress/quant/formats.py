@@ -17,6 +17,9 @@ Range → scale (compressed-tensors' convention, so RTN numbers compare with llm
   asymmetric  lo, hi widened to include 0 (so 0 is exact), s = (hi − lo) / (qmax − qmin),
               z = clamp(round(qmin − lo / s), qmin, qmax)
   fp8_e4m3    s = amax / 448, codes = saturating cast of x / s to float8_e4m3fn (|code| ≤ 448, never inf/NaN).
+  float_zero  (asymmetric, GGUF q4_1's grid) the offset is a float m, not an integer code:
+              x ≈ s · q + m,  s = (hi − lo) / (qmax − qmin), m = lo (llama.cpp's rule: the range is not widened
+              to include 0), both rounded through scale_dtype; `zero_point` then holds m.
 Rounding is round-half-to-even (torch.round), the same as the kernels.
 """
 
@@ -44,6 +47,7 @@ class QuantSpec:
     granularity: Granularity = "channel"
     group_size: int = 128
     scale_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    float_zero: bool = False  # asymmetric with a float offset m: x = s·q + m (GGUF q4_1), not s·(q − z)
 
     def __post_init__(self):
         problem = self.problem()
@@ -62,6 +66,8 @@ class QuantSpec:
             return "fp8_e4m3 is symmetric only (it has no zero point)"
         if self.is_float and self.granularity == "group":
             return "fp8_e4m3 supports tensor, channel and token granularity, not group"
+        if self.float_zero and (self.symmetric or self.dtype not in ("uint4", "uint8")):
+            return "float_zero needs an asymmetric unsigned format (uint4 / uint8)"
         if self.scale_dtype not in SCALE_DTYPES:
             return f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}"
         return None
@@ -90,6 +96,11 @@ class QuantSpec:
         return torch.int8 if self.qmin < 0 else torch.uint8
 
     @property
+    def zero_dtype(self) -> torch.dtype:
+        """Storage of an asymmetric spec's zero point: the code dtype, or float32 for a float offset."""
+        return torch.float32 if self.float_zero else self.code_dtype
+
+    @property
     def symmetric_zero(self) -> int:
         """The fixed zero point of a symmetric spec: 0 for signed types, the range's midpoint for unsigned."""
         return 0 if self.qmin < 0 or self.is_float else (int(self.qmin) + int(self.qmax) + 1) // 2
@@ -105,6 +116,9 @@ def compute_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tupl
     is stored and dequantization reproduces them exactly.
     """
     lo, hi = lo.float(), hi.float()
+    if spec.float_zero:
+        scale = _storable((hi - lo) / (spec.qmax - spec.qmin), spec.scale_dtype)
+        return scale, lo.to(SCALE_DTYPES[spec.scale_dtype]).float()
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         half_range = FP8_MAX if spec.is_float else (spec.qmax - spec.qmin) / 2
@@ -141,6 +155,9 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Te
     s = broadcast_param(scale, x, spec).float()
     if spec.is_float:
         return torch.clamp(x.float() / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    if spec.float_zero:
+        m = broadcast_param(zero_point, x, spec).float()
+        return torch.clamp(torch.round((x.float() - m) / s), spec.qmin, spec.qmax).to(spec.code_dtype)
     z = spec.symmetric_zero if zero_point is None else broadcast_param(zero_point, x, spec).float()
     q = torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
     return q.to(spec.code_dtype)
@@ -152,6 +169,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.
     s = broadcast_param(scale, q, spec).float()
     if spec.is_float:
         return (q.float() * s).to(dtype)
+    if spec.float_zero:
+        return (q.float() * s + broadcast_param(zero_point, q, spec).float()).to(dtype)
     z = spec.symmetric_zero if zero_point is None else broadcast_param(zero_point, q, spec).float()
     return ((q.float() - z) * s).to(dtype)
 

@@ -8,7 +8,7 @@ Two paths compute the same function of the same fp8 operands (`plan` picks one p
              (compute capability >= 8.9: Ada, Hopper and later).
   reference  both operands dequantized to x's dtype, then F.linear: everywhere else (CPU, older GPUs, ROCm,
              shapes or dtypes torch._scaled_mm refuses). Bit for bit what QuantLinear computed before the fast
-             path existed, so the FP8 perplexities in scripts/results stay those of this path.
+             path existed, so the FP8 perplexities in benchmarks/results stay those of this path.
 
 Activations: dynamic per token (s = amax of the row / 448; an all-zero row gets s = 1) or one static per-tensor
 scale from calibration (the checkpoint's `input_scale`). x / s is clamped to ±448 before the cast: the cast
@@ -27,7 +27,7 @@ torch._scaled_mm's requirements (aten/src/ATen/native/cuda/ScaledBlas.cpp), and 
 Accumulation: use_fast_accum (FAST_ACCUM, on; benchmarks pass fast_accum=False to time the other side) lets Hopper's fp8 tensor
 cores accumulate without periodic promotion to full fp32. Its error (~2^-14 relative per partial sum) is far
 below what the E4M3 activations already cost (3 mantissa bits), and it is what inference stacks ship;
-scripts/bench_fp8.py times both. LLMC_KERNELS=reference forces the reference path here as for the int kernels.
+benchmarks/bench_fp8.py times both. LLMC_KERNELS=reference forces the reference path here as for the int kernels.
 """
 
 from __future__ import annotations

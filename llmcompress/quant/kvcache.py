@@ -1,7 +1,8 @@
 """KV-cache quantization: keys and values stored as INT8 or FP8 E4M3 with static scales from calibration, one per
 tensor or one per KV head, for every attention layer.
 
-Where it applies: on the outputs of k_proj and v_proj, through forward hooks that quantize and dequantize them,
+Where it applies: on the outputs of k_proj and v_proj (or the k and v column blocks of a fused qkv_proj, Phi-3),
+through forward hooks that quantize and dequantize them,
 so the attention (and the cache during generation) only ever sees what a quantized cache holds. Values are
 cached exactly as v_proj produces them; keys are quantized before the rotary embedding, as KVQuant (Hooper et
 al., 2024, "pre-RoPE key quantization") stores them: the cache holds Q(k) and RoPE is applied on read, which is
@@ -29,8 +30,20 @@ KV_FORMATS = {"int8": "int8", "fp8": "fp8_e4m3"}
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: attention module} for every module with k_proj and v_proj children (Llama, Mistral, Qwen2, ...)."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")}
+    """{name: attention module} for every module with k_proj and v_proj children (Llama, Mistral, Qwen2, ...) or a
+    fused qkv_proj (Phi-3)."""
+    return {name: m for name, m in model.named_modules()
+            if (hasattr(m, "k_proj") and hasattr(m, "v_proj")) or isinstance(getattr(m, "qkv_proj", None), nn.Module)}
+
+
+def kv_sources(attn: nn.Module) -> list[tuple[nn.Module, dict[str, slice]]]:
+    """The modules whose outputs hold the keys and values, each with {"k" | "v": its slice of the last dim}:
+    k_proj and v_proj whole, or the k and v column blocks of a fused qkv_proj ([q | k | v], as Phi-3 splits it)."""
+    if hasattr(attn, "k_proj"):
+        return [(attn.k_proj, {"k": slice(None)}), (attn.v_proj, {"v": slice(None)})]
+    q = attn.config.num_attention_heads * attn.head_dim
+    kv = attn.config.num_key_value_heads * attn.head_dim
+    return [(attn.qkv_proj, {"k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)})]
 
 
 def _heads(m: nn.Module) -> int:
@@ -62,21 +75,21 @@ class KVObserver:
         for name, attn in self.modules.items():
             if names is not None and name not in names:
                 continue
-            for kind in ("k", "v"):
-                proj = getattr(attn, f"{kind}_proj")
-                handles.append(proj.register_forward_hook(self._hook(name, kind, _heads(attn))))
+            for proj, slices in kv_sources(attn):
+                handles.append(proj.register_forward_hook(self._hook(name, slices, _heads(attn))))
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
 
-    def _hook(self, name: str, kind: str, heads: int):
+    def _hook(self, name: str, slices: dict[str, slice], heads: int):
         def hook(module, args, out):
             y = out if self.mask is None else out[self.mask.to(out.device)]
-            a = _by_head(y.detach().float(), heads).abs().amax(dim=(1, 2))
-            prev = self.amax.setdefault(name, {}).get(kind)
-            self.amax[name][kind] = a if prev is None else torch.maximum(prev, a)
+            for kind, sl in slices.items():
+                a = _by_head(y[..., sl].detach().float(), heads).abs().amax(dim=(1, 2))
+                prev = self.amax.setdefault(name, {}).get(kind)
+                self.amax[name][kind] = a if prev is None else torch.maximum(prev, a)
         return hook
 
     def scales(self, fmt: str, granularity: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -103,21 +116,29 @@ def apply_kv_quant(model: nn.Module, fmt: str, granularity: str,
     handles = []
     for name, attn in modules.items():
         heads = _heads(attn)
-        for kind in ("k", "v"):
-            s = torch.as_tensor(scales[name][kind], dtype=torch.float32)
-            handles.append(getattr(attn, f"{kind}_proj").register_forward_hook(_quant_hook(s, spec, heads)))
+        for proj, slices in kv_sources(attn):
+            s = {kind: torch.as_tensor(scales[name][kind], dtype=torch.float32) for kind in slices}
+            handles.append(proj.register_forward_hook(_quant_hook(s, slices, spec, heads)))
     model.llmc_kv_cache = {"format": fmt, "granularity": granularity,
                            "scales": {n: {k: torch.as_tensor(v).float().reshape(-1).tolist() for k, v in kv.items()}
                                       for n, kv in sorted(scales.items())}}
     return handles
 
 
-def _quant_hook(scale: torch.Tensor, spec: QuantSpec, heads: int):
-    s = scale.reshape(()) if spec.granularity == "tensor" else scale.reshape(-1)
+def _quant_hook(scales: dict[str, torch.Tensor], slices: dict[str, slice], spec: QuantSpec, heads: int):
+    scales = {k: s.reshape(()) if spec.granularity == "tensor" else s.reshape(-1) for k, s in scales.items()}
+
+    def quant(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        q = fake_quantize(_by_head(y.float(), heads), s.to(y.device), None, spec)
+        return q.transpose(0, 1).reshape(y.shape).to(y.dtype)
 
     def hook(module, args, out):
-        q = fake_quantize(_by_head(out.float(), heads), s.to(out.device), None, spec)
-        return q.transpose(0, 1).reshape(out.shape).to(out.dtype)
+        if len(slices) == 1 and next(iter(slices.values())) == slice(None):
+            return quant(out, scales[next(iter(slices))])
+        out = out.clone()  # a fused qkv_proj: only its k and v column blocks are cached
+        for kind, sl in slices.items():
+            out[..., sl] = quant(out[..., sl], scales[kind])
+        return out
     return hook
 
 

@@ -3,14 +3,15 @@
 Buffers (persistent: exactly what the checkpoint stores; see checkpoint.py for the full layout):
   int8   w_q int8 [N, K], w_scale float32 [N] (or [N, G] per group), w_zero int8 like w_scale (asymmetric only)
   int4   qweight uint8 [N, ceil(K/2)] (even k low nibble, odd k high nibble, codes 0..15),
-         scales [N, G] in the configured scale dtype, zeros uint8 [N, G] (asymmetric only; symmetric z = 8)
+         scales [N, G] in the configured scale dtype, zeros uint8 [N, G] (asymmetric only; symmetric z = 8),
+         or with float_zero, zeros [N, G] in the scale dtype holding the float offset m (w = s·u + m)
   fp8    w_q float8_e4m3fn [N, K], w_scale float32 [N]
   input_scale float32 [] for static activation scales; bias if the Linear had one.
 
 Forward, by scheme:
   W8A8 (int8 weights, int8 activations)  ops.w8a8_linear: per-token dynamic or static per-tensor x scale
   W4A16                                  ops.w4a16_linear on a per-device packed weight (packed lazily, cached)
-  W8A16, FP8 weight-only                 dequantize on the fly, then F.linear in x's dtype
+  W8A16, FP8 weight-only, W4 float_zero  dequantize on the fly, then F.linear in x's dtype
   FP8 W8A8                               fp8.fp8_linear: x through the saturating fp8 cast (per-token or static),
                                          then torch._scaled_mm on GPUs with fp8 tensor cores, else dequantize
                                          and F.linear (fp8.py; `fp8_plan` says which path a device takes)
@@ -47,6 +48,7 @@ class Scheme:
     scale_dtype: str = "float32"
     act_format: Optional[str] = None  # None | "int8" | "fp8"
     act_dynamic: bool = True
+    float_zero: bool = False  # int4 asymmetric with a float offset m per group (x = s·u + m, GGUF q4_1)
 
     @property
     def name(self) -> str:
@@ -55,7 +57,10 @@ class Scheme:
         return f"{bits}{act}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.float_zero:  # checkpoints without the float offset read as before
+            d.pop("float_zero")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
@@ -73,7 +78,8 @@ class QuantLinear(nn.Module):
         if scheme.weight_format == "int4":
             self.register_buffer("qweight", empty(n, -(-k // 2), dt=torch.uint8))
             self.register_buffer("scales", empty(n, g, dt=SCALE_DTYPES[scheme.scale_dtype]))
-            self.register_buffer("zeros", None if scheme.symmetric else empty(n, g, dt=torch.uint8))
+            zero_dt = SCALE_DTYPES[scheme.scale_dtype] if scheme.float_zero else torch.uint8
+            self.register_buffer("zeros", None if scheme.symmetric else empty(n, g, dt=zero_dt))
         else:
             code_dtype = torch.int8 if scheme.weight_format == "int8" else torch.float8_e4m3fn
             scale_shape = (n, g) if scheme.granularity == "group" else (n,)
@@ -97,7 +103,7 @@ class QuantLinear(nn.Module):
             scale, zero = _as_groups(qw.scale, n), None if qw.zero_point is None else _as_groups(qw.zero_point, n)
             m.qweight = pack_int4(to_uint4(qw.codes, spec))
             m.scales = scale.to(SCALE_DTYPES[scheme.scale_dtype])
-            m.zeros = zero_to_uint4(zero, spec)
+            m.zeros = zero.to(m.scales.dtype) if spec.float_zero else zero_to_uint4(zero, spec)
         elif scheme.weight_format == "int8":
             codes, zero = qw.codes, qw.zero_point
             if spec.dtype == "uint8":  # the same grid shifted by 128, stored signed
@@ -120,7 +126,7 @@ class QuantLinear(nn.Module):
     def weight_spec(self) -> QuantSpec:
         s = self.scheme
         if s.weight_format == "int4":
-            return QuantSpec("uint4", s.symmetric, "group", s.group_size, s.scale_dtype)
+            return QuantSpec("uint4", s.symmetric, "group", s.group_size, s.scale_dtype, s.float_zero)
         gran = "group" if s.granularity == "group" else "channel"
         return QuantSpec("int8" if s.weight_format == "int8" else "fp8_e4m3", s.symmetric, gran, s.group_size)
 
@@ -129,7 +135,8 @@ class QuantLinear(nn.Module):
         spec = self.weight_spec()
         if self.scheme.weight_format == "int4":
             codes = unpack_int4(self.qweight, self.in_features)
-            return dequantize(codes, self.scales.float(), self.zeros, spec, dtype)
+            zeros = self.zeros.float() if self.scheme.float_zero else self.zeros
+            return dequantize(codes, self.scales.float(), zeros, spec, dtype)
         return dequantize(self.w_q, self.w_scale, self.w_zero, spec, dtype)
 
     def _packed_w4(self, device: torch.device):
@@ -149,7 +156,7 @@ class QuantLinear(nn.Module):
         s = self.scheme
         if s.weight_format == "int8" and s.act_format == "int8":
             return ops.w8a8_linear(x, self.w_q, self.w_scale, self.bias, self.input_scale)
-        if s.weight_format == "int4":
+        if s.weight_format == "int4" and not s.float_zero:  # the kernel's zero points are integer codes
             return ops.w4a16_linear(x, self._packed_w4(x.device), self.bias)
         if s.act_format == "fp8":
             return fp8.fp8_linear(x, self.w_q, self.w_scale, self.bias, self.input_scale)

@@ -24,6 +24,7 @@ from llmcompress.progress import Reporter
 
 from . import calibrate as calib
 from .checkpoint import WEIGHTS_FILE, save_quantized, swap_in
+from .experts import build_quant_experts, expert_modules, expert_weights, fill_missing_scales, rtn_experts
 from .formats import QuantSpec
 from .kvcache import apply_kv_quant, kv_config
 from .observers import Observer, make_observer
@@ -39,7 +40,7 @@ FP8_ACT_MAX = 448.0
 def weight_spec(w: WeightQuantConfig) -> QuantSpec:
     """The QuantSpec a weights config asks for (int4 asymmetric uses unsigned codes 0..15 with a zero point)."""
     dtype = {"int8": "int8", "int4": "int4" if w.symmetric else "uint4", "fp8": "fp8_e4m3"}[w.format]
-    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype)
+    return QuantSpec(dtype, w.symmetric, w.granularity, w.group_size, w.scale_dtype, w.zero_point == "float")
 
 
 def observer_factory(w: WeightQuantConfig) -> Callable[[QuantSpec], Observer]:
@@ -53,7 +54,7 @@ def scheme_for(cfg: QuantizeConfig, spec: QuantSpec, in_features: int) -> Scheme
     group = int4_layout_group_size(spec, in_features) if w.format == "int4" else (
         w.group_size if w.granularity == "group" else in_features)
     return Scheme(w.format, w.granularity, group, w.symmetric, w.scale_dtype,
-                  None if a.format == "none" else a.format, a.dynamic)
+                  None if a.format == "none" else a.format, a.dynamic, w.zero_point == "float")
 
 
 def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Linear]:
@@ -63,9 +64,26 @@ def select_linears(model: nn.Module, include: list[str], exclude: list[str]) -> 
             if isinstance(m, nn.Linear) and match(name, include) and not match(name, exclude)}
 
 
-def check_finite(linears: dict[str, nn.Linear]) -> None:
-    bad = [f"{name} ({int((~torch.isfinite(m.weight)).sum())} values)" for name, m in linears.items()
-           if not torch.isfinite(m.weight).all()]
+def select_experts(model: nn.Module, include: list[str], exclude: list[str]) -> dict[str, nn.Module]:
+    """MoE experts modules (3-D weights, experts.py) whose every expert weight `<name>.gate_up_proj.<e>` /
+    `<name>.down_proj.<e>` is selected; one selected and another not is refused (a module is swapped whole)."""
+    match = lambda name, pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+    out = {}
+    for name, m in expert_modules(model).items():
+        picked = [match(f"{name}.{rel}", include) and not match(f"{name}.{rel}", exclude) for rel in expert_weights(m)]
+        if all(picked):
+            out[name] = m
+        elif any(picked):
+            raise UserError(f"include/exclude: select all or none of the experts of {name} (they are quantized "
+                            f"as one module)")
+    return out
+
+
+def check_finite(linears: dict[str, nn.Module]) -> None:
+    weights = {name if rel is None else f"{name}.{rel}": w for name, m in linears.items()
+               for rel, w in ({None: m.weight} if isinstance(m, nn.Linear) else expert_weights(m)).items()}
+    bad = [f"{name} ({int((~torch.isfinite(w)).sum())} values)" for name, w in weights.items()
+           if not torch.isfinite(w).all()]
     if bad:
         raise UserError(f"NaN/Inf in the weights of {len(bad)} layer(s): {', '.join(bad[:10])}; nothing written")
 
@@ -102,13 +120,15 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
     """Swap the selected Linears of `model` (in place) for QuantLinear; returns the per-layer error table."""
     reporter = reporter or Reporter()
     linears = select_linears(model, cfg.include, cfg.exclude)
-    if not linears:
+    experts = select_experts(model, cfg.include, cfg.exclude)
+    if not linears and not experts:
         raise UserError(f"include/exclude: no Linear module matches include={cfg.include} exclude={cfg.exclude}")
-    longest = max(lin.in_features for lin in linears.values())
+    longest = max([lin.in_features for lin in linears.values()]
+                  + [w.shape[1] for m in experts.values() for w in expert_weights(m).values()])
     if cfg.weights.granularity == "group" and cfg.weights.group_size > longest:
         raise UserError(f"weights.group_size: {cfg.weights.group_size} is longer than every selected layer's rows "
                         f"(at most {longest} columns); a group of at most {longest} (or granularity: channel)")
-    check_finite(linears)
+    check_finite({**linears, **experts})
     torch.manual_seed(cfg.seed)
     spec = weight_spec(cfg.weights)
     new_observer = observer_factory(cfg.weights)
@@ -117,15 +137,27 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         if tokenizer is None:
             raise UserError(f"method {cfg.method!r} (or smoothquant / kv_cache / static scales without a "
                             f"calibration artifact) needs calibration data: pass the tokenizer")
-        seq = run_on_calibration_data(model, tokenizer, linears, spec, new_observer, cfg, reporter)
-        qweights = seq.qweights
+        seq = run_on_calibration_data(model, tokenizer, linears, spec, new_observer, cfg, reporter,
+                                      experts=experts)
+        qweights, expert_qweights = seq.qweights, seq.expert_qweights
     else:
         qweights = {name: quantize_weight(lin.weight, spec, new_observer(spec))
                     for name, lin in reporter.track(list(linears.items()), description="quantize (rtn)")}
+        expert_qweights = {name: rtn_experts(m, spec, new_observer) for name, m in experts.items()}
     if cfg.activations.static:  # scales seen by the layer loop are those of the (smoothed, quantized) model run
         input_scales = seq.input_scales if seq is not None else static_input_scales(cfg, list(linears), stats)
+        # experts: one scale per expert weight, from the tokens routed to it (experts.py); an expert no token
+        # reached takes the largest of its module's
+        if seq is not None:
+            expert_scales = dict(seq.expert_input_scales)
+        else:
+            observed = [f"{n}.{rel}" for n, m in experts.items() for rel in expert_weights(m)
+                        if stats.activation(f"{n}.{rel}", "input") is not None]
+            expert_scales = static_input_scales(cfg, observed, stats)
+        scale_filled = set(fill_missing_scales(expert_scales, experts))
+        input_scales = {**input_scales, **expert_scales}
     else:
-        input_scales = {}
+        input_scales, scale_filled = {}, set()
     rows = []
     for name, lin in linears.items():
         qw = qweights[name]
@@ -138,6 +170,35 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats=None,
         rows.append({"layer": name, "scheme": scheme.name, **error_stats(lin.weight, w_hat),
                      "bf16_bytes": lin.weight.numel() * 2, "stored_bytes": stored})
         swap_in(model, name, q.to(lin.weight.device))
+    for name, m in experts.items():
+        floats = expert_weights(m)
+        fallback = set(seq.expert_fallback.get(name, ())) if seq is not None else set()
+        scales = {rel: input_scales[f"{name}.{rel}"] for rel in floats if f"{name}.{rel}" in input_scales}
+        q = build_quant_experts(m, expert_qweights[name], lambda rel, k: scheme_for(cfg, spec, k), scales)
+        expert_gptq = seq is not None and (cfg.method == "gptq" or (cfg.method == "awq" and cfg.awq.gptq))
+        for rel, w in floats.items():
+            lin = q.get_submodule(rel)
+            if not torch.isfinite(lin.dequantized_weight()).all():
+                raise UserError(f"{name}.{rel}: quantization produced NaN/Inf (scale underflow?); nothing written")
+            algo = "gptq" if expert_gptq and rel not in fallback else "rtn"
+            note = [*(["no calibration token routed to this expert"] if rel in fallback else []),
+                    *(["static input scale: the largest of its module's (no routed token)"]
+                      if f"{name}.{rel}" in scale_filled else [])]
+            rows.append({"layer": f"{name}.{rel}", "scheme": lin.scheme.name, "method": algo,
+                         **({"note": "; ".join(note)} if note else {}),
+                         **error_stats(w, lin.dequantized_weight()), "bf16_bytes": w.numel() * 2,
+                         "stored_bytes": sum(b.numel() * b.element_size() for b in lin.buffers())})
+        if cfg.method == "awq" or cfg.smoothquant.enabled:
+            reporter.info(f"{name}: experts quantized with {'GPTQ' if expert_gptq else 'RTN'}, without AWQ / "
+                          f"SmoothQuant scales (those are searched for Linears only)")
+        filled = sorted(rel for rel in floats if f"{name}.{rel}" in scale_filled)
+        if filled:
+            reporter.info(f"{name}: {len(filled)} expert weight(s) saw no calibration input; their static input "
+                          f"scale is the largest of the module's: {', '.join(filled)}")
+        if fallback:
+            reporter.info(f"{name}: {len(fallback)} expert weight(s) got no routed calibration token and were "
+                          f"quantized with RTN: {', '.join(sorted(fallback))}")
+        swap_in(model, name, q)
     if seq is not None and seq.kv_scales:
         apply_kv_quant(model, cfg.kv_cache.format, cfg.kv_cache.granularity, seq.kv_scales)
     return rows
@@ -154,8 +215,8 @@ def _bytes(model: nn.Module) -> int:
 
 
 def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter] = None) -> dict:
-    """Stage entry: writes the checkpoint (config.json, model.safetensors, tokenizer) and quant_report.json."""
-    from llmcompress.models import load_model
+    """Stage entry: writes the checkpoint (config.json, llmcompress.safetensors, tokenizer) and quant_report.json."""
+    from llmcompress.models import load_model, source_dtype
 
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
@@ -172,7 +233,8 @@ def run(cfg: QuantizeConfig, out_dir: Path, inputs, reporter: Optional[Reporter]
         config["gptq"] = asdict(cfg.gptq)
     if cfg.smoothquant.enabled:
         config["smoothquant"] = asdict(cfg.smoothquant)
-    save_quantized(model, out_dir, tok, cfg.method, config)
+    save_dtype = source_dtype(model_cfg) if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+    save_quantized(model, out_dir, tok, cfg.method, config, dtype=save_dtype)
     bf16 = sum(r["bf16_bytes"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
     finite = [r["sqnr_db"] for r in rows if r["sqnr_db"] != float("inf")]

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .formats import QuantizedWeight, QuantSpec, quantize
-from .observers import MinMaxObserver, Observer, weight_qparams
+from .formats import SCALE_DTYPES, QuantizedWeight, QuantSpec, quantize
+from .observers import MinMaxObserver, Observer, weight_qparams, weight_rows
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, observer: Optional[Observer] = None) -> QuantizedWeight:
@@ -23,8 +23,34 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, observer: Optional[Observe
     if spec.granularity == "token":
         raise ValueError("per-token granularity is for activations, not weights")
     w = w.detach().float()
-    scale, zero = weight_qparams(w, spec, observer or MinMaxObserver(spec))
+    observer = observer or MinMaxObserver(spec)
+    if spec.float_zero and spec.granularity != "tensor" and type(observer) is MinMaxObserver:
+        return ggml_offset_rtn(w, spec)
+    scale, zero = weight_qparams(w, spec, observer)
     return QuantizedWeight(quantize(w, scale, zero, spec), scale, zero, spec)
+
+
+def ggml_offset_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """llama.cpp's own rounding for a float-offset grid (ggml-quants.c, quantize_row_q4_1_ref), so RTN here is
+    bit for bit what llama-quantize writes: per group d = (max − min) / (qmax − qmin) and id = 1 / d in float32,
+    u = min(qmax, trunc((x − min) · id + 0.5)); d and m = min are stored rounded to the scale dtype afterwards
+    (the codes come from the unrounded d and min, as in ggml)."""
+    n, k = w.shape
+    blocks = weight_rows(w, spec)
+    codes, scales, mins = [], [], []
+    for rows in blocks:
+        mn, mx = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+        d = (mx - mn) / (spec.qmax - spec.qmin)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        u = torch.trunc((rows - mn) * inv + 0.5).clamp(spec.qmin, spec.qmax)
+        codes.append(u.reshape(n, -1))
+        scales.append(d.reshape(n, -1))
+        mins.append(mn.reshape(n, -1))
+    dt = SCALE_DTYPES[spec.scale_dtype]
+    scale, zero = torch.cat(scales, 1).to(dt).float(), torch.cat(mins, 1).to(dt).float()
+    if spec.granularity != "group":
+        scale, zero = scale.reshape(-1), zero.reshape(-1)
+    return QuantizedWeight(torch.cat(codes, 1).to(spec.code_dtype), scale, zero, spec)
 
 
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:

@@ -30,7 +30,9 @@ from llmcompress.errors import UserError
 from llmcompress.progress import Reporter
 
 from .algorithms import METHODS, Layer
+from .algorithms.gptq import GPTQ
 from .architectures import architecture, check_outside, place
+from .experts import observing_static_scales, quantize_layer_experts
 from .formats import QuantizedWeight, QuantSpec
 from .layerwise import Layerwise, real_rows
 from .observers import Observer
@@ -46,6 +48,9 @@ class SequentialResult:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static per-tensor activation scales
     kv_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    expert_qweights: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)  # experts.py
+    expert_fallback: dict[str, list[str]] = field(default_factory=dict)  # expert weights RTN'd: no routed token
+    expert_input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static, per expert weight
     layers: list[dict] = field(default_factory=list)  # per decoder layer: error, seconds, smoothing/awq choices
     seconds: float = 0.0
     peak_device_bytes: Optional[int] = None
@@ -69,10 +74,11 @@ def plan(cfg: QuantizeConfig, spec: QuantSpec, new_observer: Callable[[QuantSpec
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
                         new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig, batches: list[dict],
-                        reporter: Optional[Reporter] = None, device: Optional[torch.device] = None
-                        ) -> SequentialResult:
-    """Run the planned methods over the decoder layers of `model`. Changes the float model in place only by
-    function-preserving transforms (smoothing scales); the returned QuantizedWeights are what QuantLinear holds."""
+                        reporter: Optional[Reporter] = None, device: Optional[torch.device] = None,
+                        experts: Optional[dict[str, nn.Module]] = None) -> SequentialResult:
+    """Run the planned methods over the decoder layers of `model`, and quantize its MoE `experts` (experts.py).
+    Changes the float model in place only by function-preserving transforms (smoothing scales); the returned
+    QuantizedWeights are what QuantLinear holds."""
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     home = next(model.parameters()).device
@@ -113,10 +119,25 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         layer.inputs.clear()
         floats = {rel: lin.weight.detach().clone() for rel, lin in mine.items()}
         weights.apply(layer)
+        # MoE experts (3-D parameters, experts.py) after the Linears before them: GPTQ on each expert's routed
+        # tokens when GPTQ is the weights method, else RTN (transforms do not scale experts)
+        moe = {rel: m for rel, m in module.named_modules() if f"{prefix}.{rel}" in (experts or {})}
+        moe_floats = {rel: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone()) for rel, m in moe.items()}
+        for rel, m in moe.items():
+            qws, fallback = quantize_layer_experts(m, layer, spec, new_observer,
+                                                   cfg.gptq if isinstance(weights, GPTQ) else None)
+            result.expert_qweights[f"{prefix}.{rel}"] = {n: q.to(home) for n, q in qws.items()}
+            result.expert_fallback[f"{prefix}.{rel}"] = fallback
+        if moe:
+            layer.outputs = None  # outputs a weights method computed predate the quantized experts
         num = den = 0.0
         with ExitStack() as stack:
             for a in observers:
                 stack.enter_context(a.watch(layer))
+            if moe and cfg.activations.static:
+                stack.enter_context(observing_static_scales({f"{prefix}.{rel}": m for rel, m in moe.items()},
+                                                            cfg.activations, lw.token_mask,
+                                                            result.expert_input_scales))
             try:
                 for b in range(len(lw.batches)):
                     lw.current = b
@@ -136,6 +157,9 @@ def quantize_sequential(model: nn.Module, linears: dict[str, nn.Linear], spec: Q
         # the layer's codes leave the device with it: kept there, they would add up to the whole quantized model
         for rel, lin in mine.items():
             lin.weight.copy_(floats[rel])
+        for rel, (gu, dn) in moe_floats.items():
+            moe[rel].gate_up_proj.copy_(gu)
+            moe[rel].down_proj.copy_(dn)
         lw.layers[i].to(home)
         missing = [rel for rel in mine if rel not in layer.quantized]
         if missing:
@@ -196,7 +220,8 @@ def needs_calibration_data(cfg: QuantizeConfig, has_stats: bool) -> bool:
 
 def run_on_calibration_data(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], spec: QuantSpec,
                             new_observer: Callable[[QuantSpec], Observer], cfg: QuantizeConfig,
-                            reporter: Optional[Reporter] = None, device=None) -> SequentialResult:
+                            reporter: Optional[Reporter] = None, device=None,
+                            experts: Optional[dict[str, nn.Module]] = None) -> SequentialResult:
     """Tokenize cfg.data (sorted by length so batches carry little padding) and run `quantize_sequential`."""
     from llmcompress.data import sample_texts
 
@@ -208,4 +233,4 @@ def run_on_calibration_data(model: nn.Module, tokenizer, linears: dict[str, nn.L
     max_padding = GPTQ_MAX_PADDING if cfg.method == "gptq" else None
     batches = make_batches(tokenizer, texts, cfg.data.max_length, cfg.batch_size, next(model.parameters()).device,
                            max_padding=max_padding)
-    return quantize_sequential(model, linears, spec, new_observer, cfg, batches, reporter, device)
+    return quantize_sequential(model, linears, spec, new_observer, cfg, batches, reporter, device, experts)

@@ -13,12 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _shared import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    return tiny_llama(vocab_size=512, hidden_size=128, intermediate_size=256).to("cuda", torch.bfloat16)
 
 
 class _ByteTokenizer:

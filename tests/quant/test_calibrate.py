@@ -75,7 +75,9 @@ def test_static_w8a8_takes_scales_from_calibration(calib_artifact, tmp_path):
     out = tmp_path / "q"
     q = run_stage("quantize", qcfg, out, StageInputs(artifact=art, model=cfg_c.model, calibration=art))
     assert q.manifest["summary"]["layers_quantized"] == 7
-    state = load_file(str(out / "model.safetensors"))
+    from llmcompress.quant.checkpoint import weights_file
+
+    state = load_file(str(weights_file(out)))
     absmax = CalibrationStats.open(art.path).activation("model.layers.0.mlp.down_proj", "input").absmax()
     assert state["model.layers.0.mlp.down_proj.input_scale"].item() == pytest.approx(absmax / 127, rel=1e-6)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

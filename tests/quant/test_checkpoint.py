@@ -7,7 +7,7 @@ from torch import nn
 
 from llmcompress.config import ActivationQuantConfig, QuantizeConfig, WeightQuantConfig
 from llmcompress.errors import UserError
-from llmcompress.quant.checkpoint import load_quantized, save_quantized
+from llmcompress.quant.checkpoint import load_quantized, save_quantized, weights_file
 from llmcompress.quant.formats import QuantSpec
 from llmcompress.quant.qlinear import QuantLinear, Scheme, int4_layout_group_size
 from llmcompress.quant.quantize import quantize_model
@@ -94,7 +94,7 @@ def test_same_config_gives_byte_identical_checkpoint(smollm, tmp_path):
         quantize_model(qmodel, c)
         save_quantized(qmodel, tmp_path / run, tok, "rtn", {"weights": "int8"})
         digests.append([hashlib.sha256((tmp_path / run / f).read_bytes()).hexdigest()
-                        for f in ("model.safetensors", "config.json")])
+                        for f in ("llmcompress.safetensors", "config.json")])
     assert digests[0] == digests[1]
 
 
@@ -136,3 +136,31 @@ def test_ragged_group_is_served():
     rows = quantize_model(model, cfg("int4", gs=128))
     assert isinstance(model[0], QuantLinear) and model[0].scales.shape == (16, 5)
     assert rows[0]["sqnr_db"] > 15
+
+
+@pytest.mark.parametrize("save_dtype,stored", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_checkpoint_keeps_the_source_dtype_unless_asked(tmp_path, smollm_path, save_dtype, stored):
+    """A bf16 model quantized in float32 (as on CPU) is stored bf16 outside its codes and scales; save_dtype
+    overrides that. The stored tensors are the model's own, rounded to that dtype."""
+    from safetensors import safe_open
+
+    from _shared import save_tiny_llama
+    from llmcompress.config import load_config
+    from llmcompress.models import EMBEDDED_DTYPE, load_model, source_dtype
+    from llmcompress.stages import STAGES, resolve_inputs, run_stage
+
+    src = save_tiny_llama(tmp_path / "tiny", smollm_path, dtype=torch.bfloat16)
+    assert source_dtype(load_config(QuantizeConfig, overrides=[f"model.name={src}"]).model) == torch.bfloat16
+    assert source_dtype(QuantizeConfig().model) == EMBEDDED_DTYPE == torch.bfloat16
+    c = load_config(QuantizeConfig, overrides=[f"model.name={src}", "model.device=cpu", "model.dtype=float32",
+                                               "weights.format=int4", "weights.granularity=group",
+                                               "weights.group_size=32", "activations.format=none",
+                                               f"save_dtype={save_dtype}"])
+    art = run_stage("quantize", c, tmp_path / "q", resolve_inputs(STAGES["quantize"], c, None, print))
+    with safe_open(str(weights_file(art.path)), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+        assert embed.dtype == stored and f.get_tensor("model.norm.weight").dtype == stored
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.uint8
+    model, _ = load_model(str(src), device="cpu", dtype="float32")
+    assert torch.equal(embed, model.model.embed_tokens.weight.to(stored))
+    assert load_quantized(art.path).dtype == stored  # config.json records what the tensors are

@@ -11,19 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from _shared import save_tiny_llama
 
 HERE = Path(__file__).parent
 
 
 def tiny_llama(path, hidden=64, layers=2, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    """The suite's tiny Llama (tests/_shared.py) at width `hidden`, saved to `path`."""
+    return save_tiny_llama(path, seed=seed, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers)
 
 
 def with_tokenizer(model_dir: Path, smollm_path: Path) -> Path:

@@ -14,7 +14,7 @@ from llmcompress.errors import UserError
 from llmcompress.stages import STAGES, resolve_inputs, run_stage
 
 from cli_batch import assert_refused
-from conftest import tiny_llama
+from _shared import save_tiny_llama
 
 
 def calibrate(tmp_path, model_dir):
@@ -37,7 +37,7 @@ def test_calibration_of_another_model_is_refused(tmp_path, tiny):
     # the model at that path is replaced by one of another shape after calibration
     shutil.rmtree(tiny / "model.safetensors", ignore_errors=True)
     (tiny / "model.safetensors").unlink(missing_ok=True)
-    other = tiny_llama(tmp_path / "other", hidden=96, layers=3, seed=1)
+    other = save_tiny_llama(tmp_path / "other", seed=1, hidden_size=96, intermediate_size=192, num_hidden_layers=3)
     for f in other.iterdir():
         shutil.copy(f, tiny / f.name)
     cfg = load_config(QuantizeConfig, None, ["activations.dynamic=false", "model.device=cpu"])
@@ -140,7 +140,7 @@ def test_weights_changed_in_place_after_calibration_are_refused(tmp_path, tiny_c
     from llmcompress.models import weights_fingerprint
 
     check_calibration_model(read_artifact(tmp_path / "cal"), str(moved), weights_fingerprint(moved))
-    tiny_llama(tmp_path / "other", seed=1).joinpath("model.safetensors").replace(moved / "model.safetensors")
+    save_tiny_llama(tmp_path / "other", seed=1).joinpath("model.safetensors").replace(moved / "model.safetensors")
     with pytest.raises(UserError, match="measured on other weights") as e:
         run_stage("quantize", cfg, tmp_path / "q", inputs)
     assert "\n" not in str(e.value) and not (tmp_path / "q").exists()

@@ -1,9 +1,10 @@
-"""Local-file datasets for the shipped lm-eval tasks, shaped like their hub versions so every other line of each
-task config (prompts, choices, targets, metrics) is the stock task's.
+"""Local-file datasets for the shipped llmc_* lm-eval tasks, shaped like their hub versions so every other line of
+each task config (prompts, choices, targets, metrics) is the stock task's.
 
 lm-eval calls a task's `custom_dataset` with the task metadata; `llmc_data_dir` there (set by llmcompress from
-`tasks.data_dir`, $LLMC_DATA_DIR, else ../shared/data) says where the files are. Where they are absent, the stock
-hub dataset is loaded instead, so the same config gives the stock task to a user who is online.
+`tasks.data_dir`, else $LLMC_DATA_DIR) says where the files are. FILES is the one list of what each task reads:
+llmcompress checks it before loading a model, so a missing file is a one-line error at once. A user who wants the
+hub's copy asks for the stock task name instead (arc_easy, not llmc_arc_easy).
 """
 
 from __future__ import annotations
@@ -15,27 +16,35 @@ from pathlib import Path
 
 import datasets
 
+# task -> {split: file or [files]} under the data folder; the split names are the stock task's
+FILES = {
+    "llmc_arc_easy": {"test": "arc/ARC-Easy-Test.jsonl", "validation": "arc/ARC-Easy-Dev.jsonl"},
+    "llmc_arc_challenge": {"validation": "arc/ARC-Challenge-Dev.jsonl"},
+    "llmc_piqa": {"validation": ["piqa/valid.jsonl", "piqa/valid-labels.lst"]},
+    "llmc_hellaswag": {"validation": "hellaswag/hellaswag_val.jsonl"},
+    "llmc_lambada_openai": {"test": "lambada/lambada_test.jsonl"},
+    "llmc_boolq": {"validation": "boolq/dev.jsonl"},
+    "llmc_gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+}
 
-def _dir(kwargs) -> Path:
-    return Path(kwargs.get("llmc_data_dir") or os.environ.get("LLMC_DATA_DIR") or "../shared/data").expanduser()
+
+def missing_files(task: str, base: Path) -> list[Path]:
+    """The files of FILES[task] that are not under `base`."""
+    return [base / f for fs in FILES[task].values() for f in ([fs] if isinstance(fs, str) else fs)
+            if not (base / f).is_file()]
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _local_or_hub(kwargs, files: dict, build, hub_path: str, hub_name=None) -> datasets.DatasetDict:
-    base = _dir(kwargs)
-    missing = [base / f for fs in files.values() for f in ([fs] if isinstance(fs, str) else fs)
-               if not (base / f).is_file()]
-    if not missing:
-        return datasets.DatasetDict({split: datasets.Dataset.from_list(build(base, fs))
-                                     for split, fs in files.items()})
-    try:
-        return datasets.load_dataset(hub_path, hub_name)
-    except Exception as e:  # offline or no such hub dataset: name the local file that was looked for first
-        raise FileNotFoundError(f"{missing[0]} not found, and the hub dataset {hub_path} could not be loaded "
-                                f"({e.__class__.__name__})") from None
+def _local(task: str, kwargs, build) -> datasets.DatasetDict:
+    base = Path(kwargs.get("llmc_data_dir") or os.environ.get("LLMC_DATA_DIR") or "").expanduser()
+    missing = missing_files(task, base)
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} not found")
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(build(base, fs))
+                                 for split, fs in FILES[task].items()})
 
 
 def _arc_rows(base: Path, file: str) -> list[dict]:
@@ -46,14 +55,11 @@ def _arc_rows(base: Path, file: str) -> list[dict]:
 
 
 def arc_easy(**kwargs):
-    return _local_or_hub(kwargs, {"test": "arc/ARC-Easy-Test.jsonl", "validation": "arc/ARC-Easy-Dev.jsonl"},
-                         _arc_rows, "allenai/ai2_arc", "ARC-Easy")
+    return _local("llmc_arc_easy", kwargs, _arc_rows)
 
 
 def arc_challenge(**kwargs):
-    # only the dev split ships locally; it is the evaluation split here
-    return _local_or_hub(kwargs, {"validation": "arc/ARC-Challenge-Dev.jsonl"}, _arc_rows,
-                         "allenai/ai2_arc", "ARC-Challenge")
+    return _local("llmc_arc_challenge", kwargs, _arc_rows)
 
 
 def _piqa_rows(base: Path, files) -> list[dict]:
@@ -63,33 +69,26 @@ def _piqa_rows(base: Path, files) -> list[dict]:
 
 
 def piqa(**kwargs):
-    return _local_or_hub(kwargs, {"validation": ["piqa/valid.jsonl", "piqa/valid-labels.lst"]}, _piqa_rows,
-                         "baber/piqa")
+    return _local("llmc_piqa", kwargs, _piqa_rows)
 
 
 def hellaswag(**kwargs):
-    return _local_or_hub(kwargs, {"validation": "hellaswag/hellaswag_val.jsonl"},
-                         lambda base, f: [{k: r[k] for k in ("activity_label", "ctx", "query", "endings", "label")}
-                                          for r in _jsonl(base / f)], "Rowan/hellaswag")
+    return _local("llmc_hellaswag", kwargs, lambda base, f: [
+        {k: r[k] for k in ("activity_label", "ctx", "query", "endings", "label")} for r in _jsonl(base / f)])
 
 
 def lambada_openai(**kwargs):
-    return _local_or_hub(kwargs, {"test": "lambada/lambada_test.jsonl"},
-                         lambda base, f: [{"text": r["text"]} for r in _jsonl(base / f)],
-                         "EleutherAI/lambada_openai", "default")
+    return _local("llmc_lambada_openai", kwargs, lambda base, f: [{"text": r["text"]} for r in _jsonl(base / f)])
 
 
 def boolq(**kwargs):
-    return _local_or_hub(kwargs, {"validation": "boolq/dev.jsonl"},
-                         lambda base, f: [{"question": r["question"], "passage": r["passage"],
-                                           "label": int(r["label"])} for r in _jsonl(base / f)],
-                         "aps/super_glue", "boolq")
+    return _local("llmc_boolq", kwargs, lambda base, f: [
+        {"question": r["question"], "passage": r["passage"], "label": int(r["label"])} for r in _jsonl(base / f)])
 
 
 def gsm8k(**kwargs):
-    return _local_or_hub(kwargs, {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
-                         lambda base, f: [{"question": r["question"], "answer": r["answer"]}
-                                          for r in _jsonl(base / f)], "openai/gsm8k", "main")
+    return _local("llmc_gsm8k", kwargs, lambda base, f: [
+        {"question": r["question"], "answer": r["answer"]} for r in _jsonl(base / f)])
 
 
 # HellaSwag preprocessing, as lm-eval's stock task does it (WikiHow "[title]" markup and stray brackets)
@@ -101,11 +100,8 @@ def _preprocess(text: str) -> str:
 
 def hellaswag_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     def one(doc):
-        if "ctx_a" in doc:  # the hub rows: rebuild the query the way the stock task does
-            query = doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        else:  # the local rows already carry "label: ctx"
-            query = doc["query"]
-        return {"query": _preprocess(query), "choices": [_preprocess(e) for e in doc["endings"]],
+        # the local rows already carry the stock task's query, "activity_label: ctx"
+        return {"query": _preprocess(doc["query"]), "choices": [_preprocess(e) for e in doc["endings"]],
                 "gold": int(doc["label"])}
 
     return dataset.map(one)

@@ -120,7 +120,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
     else:
         g = spec.num_groups(k)
         scale = torch.empty(n, g, device=W.device)
-        zero = None if spec.symmetric else torch.empty(n, g, dtype=spec.code_dtype, device=W.device)
+        zero = None if spec.symmetric else torch.empty(n, g, dtype=spec.zero_dtype, device=W.device)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -131,7 +131,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, observer: O
     with few_threads(W.device):
         Q = _quantize_columns(W, Hinv, perm, scale, zero, spec, observer, block_size, static)
     Q = Q[:, torch.argsort(perm)]
-    if refit_scales and spec.granularity in ("channel", "group") and not spec.is_float:
+    # the refit solves for scales over integer codes q − z; a float offset (float_zero) has no such codes
+    if refit_scales and spec.granularity in ("channel", "group") and not spec.is_float and not spec.float_zero:
         H_damped = H_orig.clone()
         H_damped[dead, dead] = 1
         lam = dampen_(H_damped, damp)
@@ -190,7 +191,7 @@ def _fake_quantize_column(w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Te
     """formats.fake_quantize of one column [N] with scale/zero [N] or [] into `out`, its arithmetic inlined (same
     division, round-half-even, clamp and order) and in place: the loop runs it K times, and the generic path's
     conversions cost more than the math. The tests check Ŵ is a fixed point of formats.fake_quantize."""
-    if spec.is_float:
+    if spec.is_float or spec.float_zero:
         return out.copy_(fake_quantize(w.unsqueeze(1), s, z, col_spec).squeeze(1))
     if s.dtype != torch.float32:
         s = s.float()

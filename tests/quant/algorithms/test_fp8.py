@@ -245,7 +245,7 @@ def test_fp8_w8a8_model_scores_like_the_original(smollm, text):
     p0, p1, agree = _ppl_and_agreement(model, qmodel, tok, text)
     print(f"FP8 W8A8 dynamic, {TOKENS} tokens: ppl {p1:.3f} vs {p0:.3f} ({100 * (p1 / p0 - 1):+.2f}%), "
           f"top-1 agreement {agree:.3f}")
-    # the full protocol measured +3.3% (scripts/results/quant_results.md); a 512-token prefix is noisier
+    # the full protocol measured +3.3% (benchmarks/results/quant_results.md); a 512-token prefix is noisier
     assert p0 * 0.97 < p1 < p0 * 1.06, (p0, p1)
     assert agree >= 0.85, agree
 

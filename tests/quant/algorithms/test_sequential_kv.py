@@ -19,15 +19,12 @@ W4 = ["weights.format=int4", "weights.granularity=group", "weights.group_size=64
 
 @pytest.fixture(scope="module")
 def tiny(smollm_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from _shared import tiny_llama
     from llmcompress.models import load_tokenizer
 
     tok = load_tokenizer(smollm_path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(vocab_size=len(tok), hidden_size=96, intermediate_size=160, head_dim=24,
+                       tie_word_embeddings=True, max_position_embeddings=2048)
     with torch.no_grad():  # loud channels in the norms, as trained LLMs have, so the algorithms have work to do
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):

@@ -85,7 +85,7 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 
 // A weight row read 16 bytes per lane with 64 bytes per row per warp instruction (the W8A8 decode kernels, whose
 // row-major int8 rows the block's warps read in consecutive 64-byte pieces): the L2::256B hint has L2 fetch each
-// 256-byte block from memory at once. On H100 at 8192 x 8192, M = 1: 26.5 -> 24.3 us (scripts/lab/w8_lab.py).
+// 256-byte block from memory at once. On H100 at 8192 x 8192, M = 1: 26.5 -> 24.3 us (e3399bd:scripts/lab/w8_lab.py).
 // The W4A16 kernels, whose warps read 512 contiguous bytes, gain nothing from it.
 __device__ __forceinline__ uint4 ld_stream_l2_256(const void* p) {
   uint4 v;

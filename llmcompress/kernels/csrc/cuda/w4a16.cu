@@ -484,7 +484,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
         launch(kernel, grid, dim3(warps * 32), smem, stream, pdl_enabled(), 1, xp, wq, scales.data_ptr<float>(), zp, bp,
                op, M, N, int(K), G, cshift, chunks);
       };
-      // By M and by how many 16-feature tiles the SMs get (H100: scripts/results/h100_s9_gemv, lab_head.txt, all
+      // By M and by how many 16-feature tiles the SMs get (H100: e3399bd:scripts/results/h100_s9_gemv, lab_head.txt, all
       // against the kernels picked before; Knob::W4_GEMV_WIDE forces the first choice for tests and sweeps):
       // - few tiles (at most 2 per SM: N <= 4224 on H100, "wide"): 8 warps a tile split K, two slots a bank,
       //   BANK (4096 x 4096 M = 1 6.3 -> 5.5 us, M = 8 6.2 -> 5.3; 14336 x 4096 M = 1 15.1 -> 13.3, M = 16 18.4 -> 17.3);
@@ -508,7 +508,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
     } else {
       // Tile shape by M (Knob::W4_TILED overrides it for sweeps; 0: 32 tokens x 128 features, 1: 64 x 128,
       // 2: 32 x 256, 3: 64 x 256, 4: 32 x 128 with 4 stages). Measured on H100 at 8192 x 8192
-      // (scripts/results/h100_tiles): 32 x 128 is best to M = 64; 64 x 128 past it (M = 128: 88.6 vs 98.5 us,
+      // (e3399bd:scripts/results/h100_tiles): 32 x 128 is best to M = 64; 64 x 128 past it (M = 128: 88.6 vs 98.5 us,
       // M = 256: 133.5 vs 193.7 us), as each weight chunk is dequantized and read from L2 half as often. The
       // 256-feature tiles leave SMs idle (64 blocks at M = 128) and run at no better a rate per SM.
       auto go = [&](auto kernel, int tok, int nw, int smem) {

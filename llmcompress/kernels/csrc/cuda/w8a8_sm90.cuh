@@ -106,7 +106,7 @@ struct Int8Gemm {
 // Tile by problem size: 64-row ping-pong tiles until M fills 128-row ones, then 128 x 256 cooperative tiles
 // (two consumer warp groups) on 2 x 1 clusters. Measured on an H100, M = 1024 / 4096 at 8192 x 8192, bf16 out:
 // 1.87x / 1.81x bf16 matmul against 1.05x / 1.10x for 128 x 128 ping-pong (vLLM's choice) and 1.11x / 1.15x
-// for 128 x 128 x 256 (scripts/results/h100/README.md has the sweep).
+// for 128 x 128 x 256 (e3399bd:scripts/results/h100/README.md has the sweep).
 // The large tiles are 224 wide instead where that takes fewer tile-widths of waves: tiles run in waves of one per
 // SM, and a tile's time goes with its width, so the cost is waves x width. N = 14336 at M = 1024 is 448 tiles of
 // 256 (3.4 waves on 132 SMs, the fourth 39% full: 4 x 256) or 512 of 224 (3.9 waves: 4 x 224). Stream-K, which
