@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import sys
@@ -267,12 +266,12 @@ def row(args, r: dict) -> dict:
             if (1, mode) not in decoders:
                 continue
             dec, ids = decoders[(1, mode)]
-            for pdl in ("1", "0", "1", "0"):
-                os.environ["LLMC_W4_PDL"] = pdl
-                dec._graph = None  # the kernel reads the switch at launch, i.e. at capture
-                r["pdl_ab"].append({"mode": mode, "LLMC_W4_PDL": pdl, "tok_s": decode_tok_s(
-                    dec, ids, args.steps, args.warmup, args.repeats)})
-        os.environ.pop("LLMC_W4_PDL", None)
+            for pdl in (1, 0, 1, 0):
+                with ops.force_cuda_variant(W4_PDL=pdl):
+                    dec._graph = None  # the kernel reads the knob at launch, i.e. at capture
+                    r["pdl_ab"].append({"mode": mode, "W4_PDL": pdl, "tok_s": decode_tok_s(
+                        dec, ids, args.steps, args.warmup, args.repeats)})
+            dec._graph = None
     if args.profile:  # the b1 decoders' steps without their graphs: kernels one by one (nothing recompiles)
         r["profile"] = {}
         for mode in ("graph", "compiled"):
@@ -332,7 +331,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of a batch-1 decode step")
-    ap.add_argument("--pdl-ab", action="store_true", help="W4A16: batch-1 decode with LLMC_W4_PDL=1/0 alternated")
+    ap.add_argument("--pdl-ab", action="store_true", help="W4A16: batch-1 decode with the W4_PDL knob forced 1/0 alternately")
     ap.add_argument("--table", metavar="DIR", help="only write DIR/e2e_speed.md from DIR/rows.jsonl")
     ap.add_argument("--out", default="runs/e2e_speed")
     args = ap.parse_args(argv)

@@ -9,10 +9,12 @@ Compiled ops (schemas in csrc/cpu/ops.cpp):
   llmc::quantize_fp8(Tensor x, Tensor? scale) -> (Tensor q, Tensor scale)   (float8_e4m3fn codes)
   llmc::w8a8_mm(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor
   llmc::w4a16_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias) -> Tensor
+  llmc::_force_cuda_variant(str name, int? value) -> ()   (CUDA builds; tests and sweeps: see force_cuda_variant)
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,23 @@ def backend(device: torch.device | str) -> str:
         return torch.ops.llmc.cpu_isa()
     major, minor = torch.cuda.get_device_capability(device)
     return f"cuda-sm{major}{minor}"
+
+
+@contextlib.contextmanager
+def force_cuda_variant(**knobs: int):
+    """Tests and sweeps only: force CUDA dispatch choices inside the block, e.g. ``force_cuda_variant(W4_TILED=2,
+    W4_SM90_MAX_M=0)``; on exit every named knob returns to the choice by shape. The knobs and their defaults are
+    the constants in csrc/cuda/common.cuh (enum Knob); a launch reads them on the host, so a CUDA graph captured
+    inside the block replays the forced kernel. Raises where the CUDA kernels are not compiled."""
+    if "cuda" not in _SERVED:
+        raise RuntimeError("force_cuda_variant: the CUDA kernels of the llmc extension are not loaded")
+    try:
+        for name, value in knobs.items():
+            torch.ops.llmc._force_cuda_variant(name, int(value))
+        yield
+    finally:
+        for name in knobs:
+            torch.ops.llmc._force_cuda_variant(name, None)
 
 
 # ---------------------------------------------------------------- W8A8

@@ -24,7 +24,7 @@ torch._scaled_mm's requirements (aten/src/ATen/native/cuda/ScaledBlas.cpp), and 
     a version table, the first call per (device, dtype) runs a tiny _scaled_mm and takes the reference path,
     with torch's message as the reason, if torch refuses.
 
-Accumulation: use_fast_accum (on by default; LLMC_FP8_FAST_ACCUM=0 turns it off) lets Hopper's fp8 tensor
+Accumulation: use_fast_accum (FAST_ACCUM, on; benchmarks pass fast_accum=False to time the other side) lets Hopper's fp8 tensor
 cores accumulate without periodic promotion to full fp32. Its error (~2^-14 relative per partial sum) is far
 below what the E4M3 activations already cost (3 mantissa bits), and it is what inference stacks ship;
 benchmarks/bench_fp8.py times both. LLMC_KERNELS=reference forces the reference path here as for the int kernels.
@@ -48,6 +48,8 @@ MIN_CAPABILITY = (8, 9)  # first NVIDIA architecture (Ada) with fp8 tensor cores
 ALIGN = 16  # _scaled_mm: K and N multiples of 16
 # dtypes torch._scaled_mm may write; which of them a given torch/GPU serves with row-wise scales is probed
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# use_fast_accum on Hopper (see above): what fp8_linear uses; tests monkeypatch it to run the other side.
+FAST_ACCUM = True
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,10 @@ class Fp8Plan:
 def plan(device: torch.device, k: int, n: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None, *,
          fast_accum: Optional[bool] = None, obey_llmc_kernels: bool = True) -> Fp8Plan:
     """The path for an [*, K] x [N, K]ᵀ fp8 linear whose input is `dtype` on `device` (cached per argument set).
-    fast_accum None reads LLMC_FP8_FAST_ACCUM (default on); obey_llmc_kernels=False ignores LLMC_KERNELS
+    fast_accum None takes FAST_ACCUM; obey_llmc_kernels=False ignores LLMC_KERNELS
     (benchmarks that time both paths in one run)."""
     forced = obey_llmc_kernels and os.environ.get("LLMC_KERNELS") == "reference"
-    if fast_accum is None:
-        fast_accum = os.environ.get("LLMC_FP8_FAST_ACCUM", "1") != "0"
-    return _plan(torch.device(device), k, n, dtype, bias_dtype, forced, fast_accum)
+    return _plan(torch.device(device), k, n, dtype, bias_dtype, forced, FAST_ACCUM if fast_accum is None else fast_accum)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,6 +3,7 @@ included, plus torch.library.opcheck on every compiled op. CUDA cases skip, visi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -32,6 +33,13 @@ def _poison_outputs():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = old
     torch.use_deterministic_algorithms(det, warn_only=warn)
+
+
+@pytest.fixture
+def force():
+    """force(KNOB=value, ...): a CUDA dispatch choice forced until the test ends (ops.force_cuda_variant)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **knobs: stack.enter_context(ops.force_cuda_variant(**knobs))
 
 
 def rel_err(y: torch.Tensor, y_ref: torch.Tensor) -> float:
@@ -70,12 +78,12 @@ def test_quantize_per_token_bit_exact(device, dtype, m, k):
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scalar", ["0", "1"])
-def test_cuda_quantizers_every_row_plan(dtype, scalar, monkeypatch):
-    """The CUDA quantizers' row plans (LLMC_QUANT_SCALAR=1 forces the scalar kernel): 1 to 8 16-byte vectors a
+@pytest.mark.parametrize("scalar", [0, 1])
+def test_cuda_quantizers_every_row_plan(dtype, scalar, force):
+    """The CUDA quantizers' row plans (QUANT_SCALAR=1 forces the scalar kernel): 1 to 8 16-byte vectors a
     thread (K = 8 ... 14336, 20000), rows too long for them (K = 70000), K not a multiple of a vector (1000 for
     float32's 4 elements, not for 8; 1001 for neither) and a misaligned x (a view one element in, K - 1 wide)."""
-    monkeypatch.setenv("LLMC_QUANT_SCALAR", scalar)
+    force(QUANT_SCALAR=scalar)
     for m, k in [(5, 8), (3, 1000), (3, 1001), (7, 2048), (2, 8192), (3, 14336), (2, 20000), (2, 70000)]:
         x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(dtype)
         x[m // 2] = 0
@@ -350,11 +358,11 @@ def cuda_w8a8_error(m: int, k: int, n: int, out_dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("m", [300, 1030])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pieces", [False, True])
-def test_cuda_prefill_sizes(m, out_dtype, pieces, monkeypatch):
+def test_cuda_prefill_sizes(m, out_dtype, pieces, force):
     """M > 256: the large-tile W8A8 GEMM (cooperative 128 x 224 or 256 tiles) and W4A16's dequantize-then-GEMM path,
     whole or (pieces) dequantized 160 rows at a time, the last piece 40 rows."""
     if pieces:
-        monkeypatch.setenv("LLMC_W4_DEQUANT_ELEMS", str(160 * 1024))
+        force(W4_DEQUANT_ELEMS=160 * 1024)
     k, n = 1024, 520
     assert cuda_w8a8_error(m, k, n, out_dtype) < TOL[out_dtype]
     if out_dtype == torch.float32:
@@ -368,11 +376,10 @@ def test_cuda_prefill_sizes(m, out_dtype, pieces, monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
-def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
-    """Every tile shape of the mid-M W4A16 kernel (LLMC_W4_TILED, swept by the benchmark): part-empty token and
+def test_cuda_w4a16_tiled_shapes(variant, force):
+    """Every tile shape of the mid-M W4A16 kernel (W4_TILED, swept by the benchmark): part-empty token and
     feature blocks, with and without zero points, groups of 64 and 128."""
-    monkeypatch.setenv("LLMC_W4_TILED", str(variant))
-    monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")  # on Hopper these sizes would go to the wgmma kernel
+    force(W4_TILED=variant, W4_SM90_MAX_M=0)  # on Hopper these sizes would go to the wgmma kernel
     k, n = 1024, 264
     for m, group_size, asym in [(33, 64, True), (129, 128, False), (256, 64, False), (200, 128, True)]:
         qweight, scales, zeros = random_w4(n, k, group_size, asym, "cuda", scale_dtype=torch.bfloat16)
@@ -385,16 +392,15 @@ def test_cuda_w4a16_tiled_shapes(variant, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("wide", ["0", "1"])
+@pytest.mark.parametrize("wide", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
-    """Every configuration of the decode gemv kernel run() picks (LLMC_W4_GEMV_WIDE: 4 warps splitting K, or 8):
+def test_cuda_w4a16_gemv_shapes(wide, dtype, force):
+    """Every configuration of the decode gemv kernel run() picks (W4_GEMV_WIDE: 4 warps splitting K, or 8):
     one and two 8-token tiles; BANK (a bank's chunks at once, predicated loads) at M = 1-16 and chunk by chunk at
     M = 9-16 on more 16-feature tiles than 4 blocks per SM hold (N = 8464 on a 132-SM H100) and past M = 16 (two
     16-token tiles side by side); K of 3 chunks (fewer than the warps splitting it) and of 40 (a bank only partly
     inside a warp's run); ragged N (N = 100)."""
-    monkeypatch.setenv("LLMC_W4_GEMV_WIDE", wide)
-    monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "0")
+    force(W4_GEMV_WIDE=wide, W4_SM90_MAX_M=0)
     for m, k, n, group_size, asym in [(1, 192, 264, 64, False), (5, 2560, 264, 128, True), (8, 2560, 100, 64, False),
                                       (9, 192, 264, 64, True), (16, 2560, 264, 128, False), (12, 640, 8464, 64, True),
                                       (24, 2560, 264, 128, True)]:
@@ -407,13 +413,13 @@ def test_cuda_w4a16_gemv_shapes(wide, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("pdl", ["0", "1"])
-def test_cuda_w4a16_decode_after_its_producer(pdl, monkeypatch):
-    """The decode kernel is a programmatic dependent launch on sm_90+ (LLMC_W4_PDL): it may start before the kernel
+@pytest.mark.parametrize("pdl", [0, 1])
+def test_cuda_w4a16_decode_after_its_producer(pdl, force):
+    """The decode kernel is a programmatic dependent launch on sm_90+ (W4_PDL): it may start before the kernel
     before it in the stream has finished, so it must read nothing that kernel writes until it has. Each step here
     writes the activations with a copy kernel right before the op, and the previous op's output is overwritten,
     eagerly and replayed in one CUDA graph; every result must equal its own float64 reference."""
-    monkeypatch.setenv("LLMC_W4_PDL", pdl)
+    force(W4_PDL=pdl)
     n, k = 4096, 4096
     qweight, scales, _ = random_w4(n, k, 128, False, "cuda", scale_dtype=torch.bfloat16)
     packed = ops.pack_w4a16(qweight, scales, None, 128)
@@ -472,13 +478,12 @@ def test_cuda_w4a16_one_token(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("pipe,pair", [("0", "0"), ("1", "0"), ("1", "1")])
-def test_cuda_w8a8_decode_loops(pipe, pair, monkeypatch):
-    """The W8A8 decode loops (LLMC_W8_DECODE_PIPE: plain, or two banks of two chunks; LLMC_W8_DECODE_PAIR: two
+@pytest.mark.parametrize("pipe,pair", [(0, 0), (1, 0), (1, 1)])
+def test_cuda_w8a8_decode_loops(pipe, pair, force):
+    """The W8A8 decode loops (W8_DECODE_PIPE: plain, or two banks of two chunks; W8_DECODE_PAIR: two
     feature tiles per block), exact int32 products: K of 1 chunk (fewer than the warps) and of 21 (not a
     multiple of a round), ragged N (N = 40: the last block's second tile lies wholly past N)."""
-    monkeypatch.setenv("LLMC_W8_DECODE_PIPE", pipe)
-    monkeypatch.setenv("LLMC_W8_DECODE_PAIR", pair)
+    force(W8_DECODE_PIPE=pipe, W8_DECODE_PAIR=pair)
     for m, k, n in [(1, 64, 40), (3, 1344, 264), (8, 1344, 17), (16, 1344, 264)]:
         xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
@@ -492,12 +497,12 @@ SM90 = CUDA and torch.cuda.get_device_capability()[0] == 9
 
 
 @pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
-@pytest.mark.parametrize("tile_n", ["0", "224", "256"])
-def test_cuda_w8a8_large_tile_widths(tile_n, monkeypatch):
-    """The large-tile W8A8 GEMMs, 128 x 256 and 128 x 224 (LLMC_W8_TILE_N; 0: chosen by wave count): ragged M and
+@pytest.mark.parametrize("tile_n", [0, 224, 256])
+def test_cuda_w8a8_large_tile_widths(tile_n, force):
+    """The large-tile W8A8 GEMMs, 128 x 256 and 128 x 224 (W8_TILE_N; 0: chosen by wave count): ragged M and
     N against both widths (4600 = 17 x 256 + 248 = 20 x 224 + 120), an odd count of 128-row tiles (the 2 x 1
     clusters pad it), N = 14336 at M = 1024 (where the choice is 224), every output dtype."""
-    monkeypatch.setenv("LLMC_W8_TILE_N", tile_n)
+    force(W8_TILE_N=tile_n)
     for m, k, n, out_dtype in [(1030, 1664, 4600, torch.bfloat16), (300, 1024, 520, torch.float16),
                                (1024, 512, 14336, torch.float32), (385, 256, 232, torch.bfloat16)]:
         assert cuda_w8a8_error(m, k, n, out_dtype) < TOL[out_dtype], (tile_n, m, k, n)
@@ -521,13 +526,11 @@ def test_cuda_w4a16_default_dispatch_few_tiles():
 @pytest.mark.skipif(not SM90, reason="no Hopper (sm_90) CUDA device")
 @pytest.mark.parametrize("variant", [1, 3, 5, 6, 10, 11])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_w4a16_wgmma_shapes(variant, dtype, monkeypatch):
-    """Every tile shape of the Hopper wgmma W4A16 kernel (LLMC_W4_WGMMA), forced over all M: ragged token and
+def test_cuda_w4a16_wgmma_shapes(variant, dtype, force):
+    """Every tile shape of the Hopper wgmma W4A16 kernel (W4_WGMMA), forced over all M: ragged token and
     feature blocks (N = 264 leaves half a 16-feature tile), zero points or none, groups of 64 and 128, and K of
     3 chunks, fewer than the warpgroups that split K in some variants (one gets no chunk at all)."""
-    monkeypatch.setenv("LLMC_W4_WGMMA", str(variant))
-    monkeypatch.setenv("LLMC_W4_SM90_MIN_M", "1")
-    monkeypatch.setenv("LLMC_W4_SM90_MAX_M", "4096")
+    force(W4_WGMMA=variant, W4_SM90_MIN_M=1, W4_SM90_MAX_M=4096)
     n = 264
     for m, k, group_size, asym in [(1, 1024, 64, False), (17, 1024, 128, True), (33, 1024, 64, True),
                                    (64, 1024, 128, False), (65, 192, 64, True), (129, 1024, 128, False),

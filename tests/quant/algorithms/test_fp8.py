@@ -169,7 +169,7 @@ def test_scaled_mm_call_layout_on_cpu(m, dtype, fuse_bias):
 @pytest.mark.parametrize("m", M_VALUES)
 def test_cuda_path_matches_float64(m, kn, dtype, fast_accum, monkeypatch):
     monkeypatch.delenv("LLMC_KERNELS", raising=False)  # the fast path is under test even where it is set
-    monkeypatch.setenv("LLMC_FP8_FAST_ACCUM", "1" if fast_accum else "0")
+    monkeypatch.setattr(fp8, "FAST_ACCUM", fast_accum)
     k, n = kn
     x, w_q, w_scale, bias = _operands(m, k, n, dtype, device="cuda")
     ragged = k % 16 or n % 16

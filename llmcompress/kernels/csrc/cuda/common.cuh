@@ -16,10 +16,45 @@
 
 namespace llmc::cuda {
 
-// Host: an integer tuning knob from the environment (kernel variants for sweeps), else `fallback`.
-inline int env_int(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  return env != nullptr ? std::atoi(env) : fallback;
+// Host: the kernel choices the dispatchers make by shape, which tests and sweeps may force so that every variant
+// runs against the reference. Each call site passes its own default; knob() returns it unless a variant was
+// forced through torch.ops.llmc._force_cuda_variant (kernels/ops.py: force_cuda_variant). Not read from the
+// environment: the only user-facing switch is LLMC_KERNELS=reference (Python side).
+enum class Knob : int {
+  W4_PDL,            // programmatic dependent launch of the W4A16 decode kernel (sm_90+): 1 on, 0 off
+  W4_GENERIC,        // 1: the portable W4A16 kernels even where the fast ones apply
+  W4_TILED_MAX_M,    // largest M of the W4A16 gemv/tiled kernels
+  W4_GEMV_MAX_M,     // largest M of the W4A16 gemv kernel
+  W4_GEMV_WIDE,      // W4A16 gemv: 1 eight warps split K, 0 four
+  W4_TILED,          // W4A16 tiled kernel's tile shape (0-4)
+  W4_DECODE_MAX_M,   // largest M of the generic W4A16 decode kernel
+  W4_DEQUANT_ELEMS,  // W4A16 dequantize + cuBLAS: weight elements per piece
+  W4_SM90_MIN_M,     // M range of the Hopper wgmma W4A16 kernel
+  W4_SM90_MAX_M,
+  W4_WGMMA,          // its tile variant
+  W8_TILE_N,         // large-tile W8A8 GEMM width: 0 by wave count, 224 or 256
+  W8_DECODE_PIPE,    // W8A8 decode: 1 double-banked loop, 0 plain
+  W8_DECODE_PAIR,    // W8A8 decode: 1 two feature tiles per block, 0 one
+  QUANT_SCALAR,      // 1: the scalar row quantizer instead of the vector one
+  kCount
+};
+inline constexpr const char* kKnobNames[int(Knob::kCount)] = {
+    "W4_PDL",        "W4_GENERIC",    "W4_TILED_MAX_M", "W4_GEMV_MAX_M", "W4_GEMV_WIDE",
+    "W4_TILED",      "W4_DECODE_MAX_M", "W4_DEQUANT_ELEMS", "W4_SM90_MIN_M", "W4_SM90_MAX_M",
+    "W4_WGMMA",      "W8_TILE_N",     "W8_DECODE_PIPE", "W8_DECODE_PAIR", "QUANT_SCALAR"};
+
+struct ForcedKnobs {
+  bool set[int(Knob::kCount)];
+  int value[int(Knob::kCount)];
+};
+// One table for the whole extension (an inline function's static is shared by every translation unit).
+inline ForcedKnobs& forced_knobs() {
+  static ForcedKnobs forced{};
+  return forced;
+}
+inline int knob(Knob k, int fallback) {
+  const ForcedKnobs& f = forced_knobs();
+  return f.set[int(k)] ? f.value[int(k)] : fallback;
 }
 
 // Host: an attribute of the current device, cached per device (at least 1; 1 where it cannot be read).

@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const std:
   const float* sp = st.defined() ? st.data_ptr<float>() : nullptr;
   auto* qp = reinterpret_cast<typename C::Q*>(q.data_ptr());
   int R = 0, vthreads = 0;
-  if (env_int("LLMC_QUANT_SCALAR", 0) == 0 && vec_plan(K, x.element_size(), x.data_ptr(), R, vthreads)) {
+  if (knob(Knob::QUANT_SCALAR, 0) == 0 && vec_plan(K, x.element_size(), x.data_ptr(), R, vthreads)) {
     auto go = [&](auto* xp) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
       switch (R) {

@@ -470,13 +470,13 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   const int cpg = group_size / 64;  // chunks per group
   const bool fast = K % 64 == 0 && group_size % 64 == 0 && (cpg & (cpg - 1)) == 0 &&
                     reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(zp) % 4 == 0 &&
-                    K < (int64_t(1) << 30) && int64_t(N) * G < (int64_t(1) << 31) && !std::getenv("LLMC_W4_GENERIC");
+                    K < (int64_t(1) << 30) && int64_t(N) * G < (int64_t(1) << 31) && knob(Knob::W4_GENERIC, 0) == 0;
   const int cshift = fast ? __builtin_ctz(cpg) : 0;  // chunk -> group: c >> cshift
   // Hopper: the wgmma kernel (w4a16_sm90.cu) where it suits the shape (it decides: M = 17 or 33 to 512).
   if (fast && w4a16_sm90<T>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G, cshift, chunks, stream))
     return;
-  if (fast && M <= env_int("LLMC_W4_TILED_MAX_M", 256)) {
-    if (M <= env_int("LLMC_W4_GEMV_MAX_M", 32)) {
+  if (fast && M <= knob(Knob::W4_TILED_MAX_M, 256)) {
+    if (M <= knob(Knob::W4_GEMV_MAX_M, 32)) {
       auto go = [&](auto kernel, int mt, int u, int warps) {  // warps: K runs a 16-feature tile
         const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
         const int smem = warps * 2 * u * mt * 64 * 16;  // the activation rings, one per K run
@@ -485,7 +485,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
                op, M, N, int(K), G, cshift, chunks);
       };
       // By M and by how many 16-feature tiles the SMs get (H100: e3399bd:scripts/results/h100_s9_gemv, lab_head.txt, all
-      // against the kernels picked before; LLMC_W4_GEMV_WIDE=0/1 forces the first choice for tests and sweeps):
+      // against the kernels picked before; Knob::W4_GEMV_WIDE forces the first choice for tests and sweeps):
       // - few tiles (at most 2 per SM: N <= 4224 on H100, "wide"): 8 warps a tile split K, two slots a bank,
       //   BANK (4096 x 4096 M = 1 6.3 -> 5.5 us, M = 8 6.2 -> 5.3; 14336 x 4096 M = 1 15.1 -> 13.3, M = 16 18.4 -> 17.3);
       // - more, M <= 8: 4 warps a tile, four slots a bank, BANK (8192 x 8192 M = 1 16.2 -> 15.5 us, M = 8 17.0 -> 15.6);
@@ -494,7 +494,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       // (M = 1 had its own kernel until then, each warp's activations and scales copied to shared memory once:
       // 16.2 us at 8192 x 8192.)
       const int sms = sm_count(), tiles = (N + 15) / 16;
-      const bool wide = env_int("LLMC_W4_GEMV_WIDE", tiles <= 2 * sms ? 1 : 0) != 0;
+      const bool wide = knob(Knob::W4_GEMV_WIDE, tiles <= 2 * sms ? 1 : 0) != 0;
       auto pick = [&](auto has_z) {
         constexpr bool Z = decltype(has_z)::value;
         if (M <= 8 && wide) go(w4a16_gemv<T, 1, 2, Z, 8, 2, true>, 1, 2, 8);
@@ -506,7 +506,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
       if (zp != nullptr) pick(std::true_type{});
       else pick(std::false_type{});
     } else {
-      // Tile shape by M (LLMC_W4_TILED overrides it for sweeps; 0: 32 tokens x 128 features, 1: 64 x 128,
+      // Tile shape by M (Knob::W4_TILED overrides it for sweeps; 0: 32 tokens x 128 features, 1: 64 x 128,
       // 2: 32 x 256, 3: 64 x 256, 4: 32 x 128 with 4 stages). Measured on H100 at 8192 x 8192
       // (e3399bd:scripts/results/h100_tiles): 32 x 128 is best to M = 64; 64 x 128 past it (M = 128: 88.6 vs 98.5 us,
       // M = 256: 133.5 vs 193.7 us), as each weight chunk is dequantized and read from L2 half as often. The
@@ -517,7 +517,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
         kernel<<<grid, kWarps * 32, smem, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, int(K), G,
                                                     cshift, chunks);
       };
-      switch (env_int("LLMC_W4_TILED", M > 64 ? 1 : 0)) {
+      switch (knob(Knob::W4_TILED, M > 64 ? 1 : 0)) {
         case 1: go(w4a16_tiled<T, 64, 1, 7>, 64, 1, tiled_smem<64, 1, 7>()); break;
         case 2: go(w4a16_tiled<T, 32, 2, 6>, 32, 2, tiled_smem<32, 2, 6>()); break;
         case 3: go(w4a16_tiled<T, 64, 2, 5>, 64, 2, tiled_smem<64, 2, 5>()); break;
@@ -528,7 +528,7 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  if (M <= env_int("LLMC_W4_DECODE_MAX_M", 64)) {
+  if (M <= knob(Knob::W4_DECODE_MAX_M, 64)) {
     auto go = [&](auto kernel, int mt) {
       const dim3 grid((N + 15) / 16, (M + 8 * mt - 1) / (8 * mt));
       kernel<<<grid, kWarps * 32, 0, stream>>>(xp, wq, scales.data_ptr<float>(), zp, bp, op, M, N, K, G, group_size,
@@ -544,8 +544,8 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   // Dequantize into a scratch weight and call cuBLAS. The whole weight in one piece where it is at most 64 Mi
   // elements (128 MB: every linear of an 8B Llama): each further piece costs a dequantize launch, a GEMM and a
   // copy of its output columns into place (2,048-row pieces made a 1B model's W4A16 prefill on an H100 half as
-  // fast as bf16, mostly host time). LLMC_W4_DEQUANT_ELEMS sets the budget (tests: several ragged pieces).
-  const int64_t budget = env_int("LLMC_W4_DEQUANT_ELEMS", 64 << 20);
+  // fast as bf16, mostly host time). Knob::W4_DEQUANT_ELEMS sets the budget (tests: several ragged pieces).
+  const int64_t budget = knob(Knob::W4_DEQUANT_ELEMS, 64 << 20);
   const int kRows = int(std::min<int64_t>(N, std::max<int64_t>(16, budget / K / 16 * 16)));
   at::Tensor w = at::empty({kRows, K}, x.options());
   for (int n0 = 0; n0 < N; n0 += kRows) {

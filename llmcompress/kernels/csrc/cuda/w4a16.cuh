@@ -180,8 +180,8 @@ inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, c
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
-// Programmatic dependent launch is on for the decode kernel on sm_90+ (LLMC_W4_PDL=0 turns it off).
-inline bool pdl_enabled() { return cc_major() >= 9 && env_int("LLMC_W4_PDL", 1) != 0; }
+// Programmatic dependent launch is on for the decode kernel on sm_90+ (Knob::W4_PDL).
+inline bool pdl_enabled() { return cc_major() >= 9 && knob(Knob::W4_PDL, 1) != 0; }
 
 // Hopper W4A16 for mid-size M (w4a16_sm90.cu): false, doing nothing, where this build or device has no such
 // kernel or the shape does not suit it (the caller then runs its own kernels).

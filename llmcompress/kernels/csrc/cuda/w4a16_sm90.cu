@@ -386,21 +386,21 @@ bool w4a16_sm90(const T* x, const uint4* qw, const float* scales, const uint8_t*
   if (cc_major() != 9) return false;
   const int tiles64 = (N + 63) / 64, sms = sm_count();
   auto fits = [&](int tok, int cl) { return (M + tok - 1) / tok * tiles64 * cl <= sms; };  // one wave
-  // M = 17 to 512; LLMC_W4_SM90_MIN_M / _MAX_M move the range for sweeps (MAX_M=0 turns it off). On H100
+  // M = 17 to 512; Knob::W4_SM90_MIN_M / _MAX_M move the range for sweeps (MAX_M=0 turns it off). On H100
   // (e3399bd:scripts/results/h100_wgmma), 8192 x 8192: 27.1 us at M = 32, 39.0 at M = 128, against bf16's 49-51 and,
   // before it, the gemv kernel's 43.8 and the tiled kernel's 89.0. Where N <= 6144 (few 64-feature tiles) the
   // gemv kernel keeps M <= 32, unless K is long enough (>= 8192) for the 2-CTA split-K blocks (variant 11), which
   // must fit one wave (e3399bd:scripts/results/h100_s10_wgmma: 4096 x 4096 M = 32 gemv 10.1 us, wgmma 12.8; 8192 x 4096
   // 18.2 against 17.5; 14336 x 4096 34.2 against 25.2). The dequantize + cuBLAS path takes over past M = 512.
-  const int min_m = env_int("LLMC_W4_SM90_MIN_M", tiles64 > 96 || (K >= 8192 && fits(64, 2)) ? 17 : 33);
-  if (M < min_m || M > env_int("LLMC_W4_SM90_MAX_M", 512)) return false;
+  const int min_m = knob(Knob::W4_SM90_MIN_M, tiles64 > 96 || (K >= 8192 && fits(64, 2)) ? 17 : 33);
+  if (M < min_m || M > knob(Knob::W4_SM90_MAX_M, 512)) return false;
   auto go = [&](auto kernel, int tok, int ks, int smem, int cl = 1) {
     launch_attrs_once(kernel, smem);
     launch(kernel, dim3((M + tok - 1) / tok, (N + 63) / 64, cl), dim3(ks * 128), smem, stream, false, cl,
            activation_map(x, M, K, tok), qw, scales, zeros, bias, out, M, N, K, G, cshift, chunks);
   };
   // Tokens per block x warpgroups splitting K (stages per warpgroup), by M and by how many 64-feature tiles
-  // there are to spread over the SMs; LLMC_W4_WGMMA overrides it for sweeps (e3399bd:scripts/lab/wgmma_sweep.py;
+  // there are to spread over the SMs; Knob::W4_WGMMA overrides it for sweeps (e3399bd:scripts/lab/wgmma_sweep.py;
   // e3399bd:scripts/results/h100_wgmma, h100_s10_wgmma). Every variant takes one block per SM (shared memory), except
   // 128 x 1 (two). At 8192 x 8192 on H100: M <= 32: 32 x 4 (28.6 us; 64 x 4: 32.9); M <= 64: 64 x 4 (26.2 with
   // five stages, 27.7 with four); M <= 128: 128 x 2 (36.5; 64 x 4: 54.0, 128 x 1: 51.0). With N = 14336 (224
@@ -417,7 +417,7 @@ bool w4a16_sm90(const T* x, const uint4* qw, const float* scales, const uint8_t*
   else if (few && M <= 128 && (M > 96 || K >= 8192) && fits(128, 2)) by_shape = 10;
   else if (few && M <= 128) by_shape = fits(32, 1) && M <= 32 ? 6 : fits(64, 1) ? 5 : 3;
   else by_shape = M <= 32 ? 6 : M <= 64 ? 5 : many ? 1 : 3;
-  const int variant = env_int("LLMC_W4_WGMMA", by_shape);
+  const int variant = knob(Knob::W4_WGMMA, by_shape);
   auto pick = [&](auto has_z) {
     constexpr bool Z = decltype(has_z)::value;
     switch (variant) {

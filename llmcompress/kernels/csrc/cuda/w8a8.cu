@@ -248,18 +248,18 @@ void launch_decode(const at::Tensor& x_q, const at::Tensor& x_scale, const at::T
   };
   const bool fast = K % 64 == 0 && K < (int64_t(1) << 30) && reinterpret_cast<uintptr_t>(x_q.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(w_q.data_ptr()) % 16 == 0;
-  // The double-banked loop on the aligned path (LLMC_W8_DECODE_PIPE=0 turns it off, for comparisons). On H100
+  // The double-banked loop on the aligned path (Knob::W8_DECODE_PIPE = 0 turns it off, for comparisons). On H100
   // (e3399bd:scripts/results/h100_w8_pipe): M = 16 30.1 against 33.1 us at 8192 x 8192 and 25.7 against 28.7 at
   // 4096 x 14336; M = 8 27.6 / 23.8 against 28.4 / 26.9; M = 1 within run-to-run noise (27.1 / 23.3 against 26.6 / 23.8).
-  const bool pipe = env_int("LLMC_W8_DECODE_PIPE", 1) != 0;
+  const bool pipe = knob(Knob::W8_DECODE_PIPE, 1) != 0;
   // Two feature tiles per block at M = 9..16 where their blocks fill the SMs in one wave (four per SM). On H100
   // (e3399bd:scripts/results/h100_w8_pair), M = 16: 8192 x 8192 27.1 against 29.7 us, 4096 x 14336 23.8 against 25.3.
   // Where SMs would sit idle (N = 4096: 10.3 against 8.8) it loses; at M <= 8 it is level or worse.
-  // LLMC_W8_DECODE_PAIR=0/1 forces the choice (tests, sweeps).
+  // Knob::W8_DECODE_PAIR = 0/1 forces the choice (tests, sweeps).
   const int tiles = (N + 15) / 16;
   const int sms = sm_count();
   const bool one_wave = (tiles + 1) / 2 >= sms && (tiles + 1) / 2 <= 4 * sms;
-  if (fast && pipe && env_int("LLMC_W8_DECODE_PAIR", M > 8 && one_wave ? 1 : 0) != 0) {
+  if (fast && pipe && knob(Knob::W8_DECODE_PAIR, M > 8 && one_wave ? 1 : 0) != 0) {
     const dim3 grid((tiles + 1) / 2, (M + 15) / 16);
     if (M <= 8) w8a8_decode_pair<TO, 1><<<dim3(grid.x, (M + 7) / 8), block, 0, stream>>>(
         x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), w_q.data_ptr<int8_t>(), w_scale.data_ptr<float>(), bias, o, M, N, K);

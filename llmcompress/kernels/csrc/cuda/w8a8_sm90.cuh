@@ -110,10 +110,10 @@ struct Int8Gemm {
 // The large tiles are 224 wide instead where that takes fewer tile-widths of waves: tiles run in waves of one per
 // SM, and a tile's time goes with its width, so the cost is waves x width. N = 14336 at M = 1024 is 448 tiles of
 // 256 (3.4 waves on 132 SMs, the fourth 39% full: 4 x 256) or 512 of 224 (3.9 waves: 4 x 224). Stream-K, which
-// splits the last waves' K loops instead, measured slower there (114.5 against 108.6 us). LLMC_W8_TILE_N=256|224
+// splits the last waves' K loops instead, measured slower there (114.5 against 108.6 us). Knob::W8_TILE_N = 256|224
 // forces one (tests, sweeps).
 inline int large_tile_n(int M, int N) {
-  const int forced = env_int("LLMC_W8_TILE_N", 0);
+  const int forced = knob(Knob::W8_TILE_N, 0);
   if (forced == 224 || forced == 256) return forced;
   const int64_t sms = sm_count(), row_tiles = ((M + 127) / 128 + 1) / 2 * 2;  // 2 x 1 clusters: an even count
   auto cost = [&](int64_t w) { return (row_tiles * ((N + w - 1) / w) + sms - 1) / sms * w; };
