@@ -5,7 +5,8 @@ saved as our checkpoint, then
   - compressed-tensors: the export loads back through our load_quantized with logits equal to the quantized
     checkpoint's, and through plain transformers (which decompresses with the compressed-tensors library) with
     logits within 1e-3 of ours, relative to their largest magnitude; or, where the format cannot describe the
-    model (MoE experts stored as 3-D parameters), it is refused before any work with one line naming the module;
+    model (MoE experts stored as 3-D parameters), it is refused before any work with one line naming the module,
+    and the layout that line proposes (experts left in float) exports and loads back;
   - GGUF: written for Llama-architecture families only; every other family is refused in one line naming
     config.json's model_type.
 The llmcompress-free subprocess check of the compressed-tensors export lives in test_compressed_tensors.py
@@ -31,6 +32,7 @@ pytest.importorskip("compressed_tensors")
 
 W4 = WeightQuantConfig(format="int4", granularity="group", group_size=32, symmetric=True)
 CT_REFUSED = {f: "experts stored as 3-D parameters" for f in arch_models.MOE}
+EXCLUDE_EXPERTS = "*.mlp.experts*"
 GGUF_WRITTEN = ("llama", "mistral")  # model_type llama / mistral: the Llama architecture llama.cpp names "llama"
 PROMPTS = ["The capital of France is", "Write a short poem about the sea and"]
 
@@ -59,28 +61,41 @@ def test_family_export_loads_back(family, tokenizer, tmp_path):
     from llmcompress.quant.quantize import quantize_model
 
     path = arch_models.build(family, tmp_path / "float", tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    quantize_model(model, QuantizeConfig(method="rtn", weights=W4, activations=ActivationQuantConfig(format="none")),
-                   tokenizer=tokenizer)
-    src = tmp_path / "q"
-    save_quantized(model, src, tokenizer, "rtn", {"kv_cache": None})
-    out = tmp_path / "ct"
-    out.mkdir()
 
-    why = ct.problem(src)
-    if family in CT_REFUSED:
-        assert why is not None and "\n" not in why and CT_REFUSED[family] in why, why
-        assert ".mlp.experts" in why, why  # names the module
-        with pytest.raises(UserError, match=CT_REFUSED[family]):
-            ct.write(src, out)
-        assert list(out.iterdir()) == []  # nothing written
-    else:
-        assert why is None, why
+    def quantized(name: str, exclude: list[str]) -> Path:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        cfg = QuantizeConfig(method="rtn", weights=W4, activations=ActivationQuantConfig(format="none"),
+                             exclude=exclude)
+        quantize_model(model, cfg, tokenizer=tokenizer)
+        save_quantized(model, tmp_path / name, tokenizer, "rtn", {"kv_cache": None})
+        return tmp_path / name
+
+    def loads_back(src: Path) -> None:
+        out = src.with_name(src.name + "-ct")
+        out.mkdir()
         ct.write(src, out)
         ours = _logits(load_quantized(src), tokenizer)
         assert torch.equal(_logits(load_quantized(out), tokenizer), ours)
         theirs = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), tokenizer)
         assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
+
+    src = quantized("q", ["lm_head", "*embed*"])
+    model_type = load_quantized(src).config.model_type  # gemma3's text model is "gemma3_text"
+    why = ct.problem(src)
+    if family in CT_REFUSED:
+        assert why is not None and "\n" not in why and CT_REFUSED[family] in why, why
+        assert "'model.layers.0.mlp.experts'" in why, why  # names the module
+        out = tmp_path / "refused"
+        out.mkdir()
+        with pytest.raises(UserError, match=CT_REFUSED[family]):
+            ct.write(src, out)
+        assert list(out.iterdir()) == []  # nothing written
+        # the nearest layout the refusal names: experts left in float, the rest exported
+        assert EXCLUDE_EXPERTS in why
+        loads_back(quantized("q-dense-experts", ["lm_head", "*embed*", EXCLUDE_EXPERTS]))
+    else:
+        assert why is None, why
+        loads_back(src)
 
     gguf_why = gguf_problem(src, "q4_0")
     if family in GGUF_WRITTEN:
@@ -88,7 +103,6 @@ def test_family_export_loads_back(family, tokenizer, tmp_path):
         summary = write_gguf(src, tmp_path / "model-q4_0.gguf", "q4_0")
         assert summary and (tmp_path / "model-q4_0.gguf").stat().st_size > 0
     else:
-        model_type = model.config.model_type  # gemma3's text model is "gemma3_text"
         assert gguf_why is not None and "\n" not in gguf_why and f"model_type {model_type!r}" in gguf_why, gguf_why
         with pytest.raises(UserError):
             write_gguf(src, tmp_path / "model-q4_0.gguf", "q4_0")
