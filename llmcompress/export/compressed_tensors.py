@@ -235,14 +235,15 @@ def read_llmc_checkpoint(src: Path) -> tuple[dict, dict, dict[str, tuple[int, in
 
 def experts_problem(qc: dict) -> Optional[str]:
     """MoE experts we stored as 3-D parameters (`<experts>.gate_up_proj.<e>`, quant/experts.py): compressed-tensors
-    (llm-compressor, and transformers 5's loader) describes experts as one Linear per expert and projection
-    (`<experts>.<e>.gate_proj` / `up_proj` / `down_proj`), a layout this export does not write."""
+    (llm-compressor, and transformers 5's loader, which decompresses such experts into its fused 3-D ones) describes
+    experts as one Linear per expert and projection (`<experts>.<e>.gate_proj` / `up_proj` / `down_proj`; Mixtral's
+    hub checkpoints `w1` / `w3` / `w2`), a layout this export does not write (nor ct_import read)."""
     experts = sorted(qc.get("experts") or {})
     if not experts:
         return None
     return (f"quantization_config.experts: {experts[0]!r}: MoE experts stored as 3-D parameters have no "
-            f"compressed-tensors layout this export writes (it describes experts as per-expert Linears "
-            f"<experts>.<e>.gate_proj/up_proj/down_proj); nearest that works: exclude the experts "
+            f"compressed-tensors layout this export writes (it describes experts as one Linear per expert "
+            f"and projection, <experts>.<e>.<proj>); nearest that works: exclude the experts "
             f"(exclude: ['*.mlp.experts*']) and export the rest")
 
 
