@@ -822,8 +822,11 @@ class TrainStudentConfig:
                                                     "or renormalise over the top-k and drop it")
     max_length: int = opt(384, "tokens per training sequence (longer rows are truncated)", ge=8)
     steps: int = opt(50, "optimizer steps", ge=1)
-    batch_size: int = opt(4, "sequences per micro-batch (per process under torchrun)", ge=1)
+    batch_size: int = opt(4, "sequences per micro-batch, all processes together: under torchrun each of W "
+                          "processes takes batch_size / W of them (a multiple of W)", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "under torchrun: ddp keeps a whole student on every process; "
+                                           "fsdp (FSDP2) shards its weights, gradients and optimizer state")
     lr: float = opt(1e-4, "peak learning rate (AdamW)", gt=0.0)
     min_lr_ratio: float = opt(0.1, "cosine decays the learning rate to lr * min_lr_ratio", ge=0.0, le=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)

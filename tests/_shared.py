@@ -61,3 +61,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def torchrun(*args: str, cwd, nproc: int = 2):
+    """`llmc ARGS` under torchrun with `nproc` CPU processes (gloo, one thread each); returns the CompletedProcess
+    and the JSON summary each rank printed (--json)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "llmcompress.cli", *args, "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, [json.loads(line)["summary"] for line in p.stdout.splitlines() if line.startswith("{")]

@@ -7,7 +7,8 @@ Resumable: the plan (which prompt, style and sample goes in which batch) is a pu
 every finished batch is written to the work dir as its own file by an atomic rename, so a killed run loses at
 most the batch in flight and a rerun skips the batches whose files exist: no row is written twice or lost.
 Each batch reseeds the generator from (seed, batch index), so a resumed run writes the rows an uninterrupted run
-would have. The artifact is assembled from the batch files only at the end.
+would have. The artifact is assembled from the batch files only at the end. Under torchrun the batches are dealt
+round-robin to the ranks and gathered to rank 0, which alone writes (see _generate).
 
 Output (the artifact directory):
   data/train-00000.jsonl ...   one row per kept response: messages, prompt / response text and token ids, style,
@@ -29,10 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..artifacts import sha256_json
 from ..config import DISTILL_STYLES, DistillDataConfig, to_dict
 from ..data import format_row, load_rows
+from ..distributed import process_group
 from ..errors import UserError
 from ..models import load_model
 
@@ -303,10 +306,19 @@ def _norm(text: str) -> str:
 
 
 def run(cfg: DistillDataConfig, out_dir: Path, inputs, reporter) -> dict:
+    with process_group() as ranks:
+        return _generate(cfg, out_dir, inputs, reporter, ranks)
+
+
+def _generate(cfg: DistillDataConfig, out_dir: Path, inputs, reporter, ranks) -> dict:
+    """Under torchrun rank r generates the planned batches r, r + W, ... of those not yet done; each round's
+    batches are gathered to rank 0, which alone writes them to the work dir and assembles the artifact. A batch's
+    rows depend only on the batch (its prompts and its seed), not on which rank made them, so W ranks write the
+    rows one process would."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(inputs.model if inputs and inputs.model else cfg.teacher)
+    model, tok = load_model(inputs.model if inputs and inputs.model else cfg.teacher, device=ranks.device)
     tok.padding_side = "left"  # generation appends on the right; every prompt must end at the same column
     stop_ids = stop_token_ids(model, tok)
 
@@ -317,32 +329,54 @@ def run(cfg: DistillDataConfig, out_dir: Path, inputs, reporter) -> dict:
                                                 for b in batches]})
     work = stage_work_dir(out_dir, inputs, cfg)
     plan_file = work / "plan.json"
-    if work.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()).get("plan_key") != plan_key):
-        shutil.rmtree(work)  # a work dir of another plan: nothing in it is ours
-    (work / "batches").mkdir(parents=True, exist_ok=True)
-    plan_file.write_text(json.dumps({"plan_key": plan_key, "batches": len(batches)}))
 
     def done(b: int) -> bool:
         return (work / "batches" / f"{b:06d}.jsonl").exists() and (
             not cfg.save_logits or (work / "batches" / f"{b:06d}.safetensors").exists())
 
-    resumed = sum(done(b) for b in range(len(batches)))
+    todo = [None]
+    if ranks.rank == 0:
+        if work.exists() and (not plan_file.exists()
+                              or json.loads(plan_file.read_text()).get("plan_key") != plan_key):
+            shutil.rmtree(work)  # a work dir of another plan: nothing in it is ours
+        (work / "batches").mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(json.dumps({"plan_key": plan_key, "batches": len(batches)}))
+        todo = [[b for b in range(len(batches)) if not done(b)]]
+    if ranks.world > 1:
+        dist.broadcast_object_list(todo, src=0)
+    todo = todo[0]
+    resumed = len(batches) - len(todo)
     if resumed:
         reporter.info(f"distill-data: resuming: {resumed}/{len(batches)} batches already generated in {work}")
-    gen_tokens, gen_time = 0, 0.0
-    for b in reporter.track(range(len(batches)), total=len(batches), description="generating"):
-        if done(b):
-            continue
-        torch.manual_seed(cfg.seed * 1_000_003 + b)  # per-batch seed: a resumed run samples what a whole run would
+    gen_tokens, gen_time, mine = 0, 0.0, 0
+    rounds = math.ceil(len(todo) / ranks.world)
+    for k in reporter.track(range(rounds), total=rounds, description="generating"):
         t0 = time.perf_counter()
-        rows, extra = run_batch(model, tok, batches[b], cfg, stop_ids)
+        i = k * ranks.world + ranks.rank
+        result = None
+        if i < len(todo):
+            b = todo[i]
+            torch.manual_seed(cfg.seed * 1_000_003 + b)  # per-batch seed: any rank, any rerun samples the same
+            result = (b, *run_batch(model, tok, batches[b], cfg, stop_ids))
+            mine += 1
+        results = [result]
+        if ranks.world > 1:
+            results = [None] * ranks.world if ranks.rank == 0 else None
+            dist.gather_object(result, results, dst=0)
         gen_time += time.perf_counter() - t0
-        gen_tokens += extra["tokens"]
-        if cfg.save_logits:  # logits first: a batch counts as done only once its .jsonl exists
-            _atomic_write(work / "batches" / f"{b:06d}.safetensors", lambda p: save_file(extra["tensors"], str(p)))
-        _atomic_write(work / "batches" / f"{b:06d}.jsonl",
-                      lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        for res in results or []:
+            if res is None:
+                continue
+            b, rows, extra = res
+            gen_tokens += extra["tokens"]
+            if cfg.save_logits:  # logits first: a batch counts as done only once its .jsonl exists
+                _atomic_write(work / "batches" / f"{b:06d}.safetensors",
+                              lambda p: save_file(extra["tensors"], str(p)))
+            _atomic_write(work / "batches" / f"{b:06d}.jsonl",
+                          lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
         reporter.update(tok_s=gen_tokens / max(gen_time, 1e-9))
+    if ranks.rank != 0:
+        return {"world_size": ranks.world, "rank": ranks.rank, "batches_generated": mine}
 
     # assemble: every generated row, in prompt order; checks applied here
     rows = []
@@ -406,7 +440,9 @@ def run(cfg: DistillDataConfig, out_dir: Path, inputs, reporter) -> dict:
     summary = {
         "prompts": len(prompts), **{f"filter_{k}": v for k, v in filter_counts.items()}, **counts,
         "rows": len(kept), "shards": n_shards, "batches": len(batches), "batches_resumed": resumed,
+        "world_size": ranks.world,
         "teacher_accuracy": (sum(r["correct"] for r in checked) / len(checked)) if checked else None,
+        # every rank's tokens over rank 0's wall time of the generation rounds
         "generated_tokens": gen_tokens, "tokens_per_s": round(gen_tokens / gen_time, 2) if gen_time else None,
         "data_files": "data/*.jsonl", "logprobs": cfg.save_logits,
         "tables": {"distill-data: rows by style": list(per_style.values()),

@@ -10,8 +10,10 @@ distillation: plain CE on the teacher's own outputs.
 One loop, top to bottom: AdamW, linear warm-up then cosine decay, gradient accumulation, clipping, bf16 autocast
 on CUDA, held-out evaluation every `eval_every` steps, a checkpoint every `save_every` steps in the stage's work
 dir. The data order is a pure function of (seed, micro-batch index), so a rerun resumes exactly from the last
-checkpoint: same batches, same optimizer state, same loss curve. Under `torchrun` each process takes its share of
-every micro-batch, DDP averages the gradients, and rank 0 alone evaluates, checkpoints and writes the model.
+checkpoint: same batches, same optimizer state, same loss curve. Under `torchrun` the W processes split every
+micro-batch of `batch_size` sequences (batch_size / W each) and weight their losses by their share of its response
+tokens, so W processes follow the loss curve of one; DDP (default) or FSDP2 (`parallel: fsdp`) reduces the
+gradients. Checkpoints hold full (unsharded) state, so a run resumes under any world size; rank 0 alone writes.
 The artifact directory is itself a Hugging Face model directory (config.json, model.safetensors, tokenizer).
 """
 
@@ -30,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import TrainStudentConfig
+from ..distributed import Ranks, process_group
 from ..errors import UserError
 from ..models import load_model
 from .generate import stage_work_dir
@@ -238,19 +241,44 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
     if inputs is None or inputs.artifact is None or inputs.artifact.stage != "distill-data":
         raise UserError("train-student: needs a distill-data artifact as --input (run `llmc distill-data`)")
 
-    # -- processes: one, or one per torchrun rank
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    teacher_cfg = inputs.model or cfg.teacher
-    device_arg = f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None
-    try:
-        return _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+    world = Ranks.from_env().world
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size: {cfg.batch_size} sequences cannot be split evenly over {world} processes; "
+                        f"use a multiple of {world}")
+    with process_group() as ranks:  # one process, or one per torchrun rank
+        return _train(cfg, out_dir, inputs, reporter, inputs.model or cfg.teacher, ranks.device, ranks.world,
+                      ranks.rank)
+
+
+def _shard(student, cfg: TrainStudentConfig, world: int, device):
+    """The module the loop runs: the student itself (one process), DDP, or FSDP2 (each decoder layer, then the
+    rest, sharded over the ranks in place)."""
+    if world == 1:
+        return student
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _blocks(student):
+            fully_shard(block)
+        return fully_shard(student)
+    return torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+
+
+def _blocks(model) -> list:
+    prefix = _layer_prefix(model)[:-1]
+    return list(model.get_submodule(prefix))
+
+
+def _full_state(student, opt=None) -> tuple[dict, dict | None]:
+    """Unsharded model (and optimizer) state on every rank, keyed by parameter name: what a checkpoint holds, so
+    that it loads under any world size and either parallel mode. A collective under FSDP: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    o = StateDictOptions(full_state_dict=True)
+    return (get_model_state_dict(student, options=o),
+            get_optimizer_state_dict(student, opt, options=o) if opt is not None else None)
 
 
 def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank) -> dict:
@@ -288,10 +316,8 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
                         f"generate more data")
     train_set, held_out = split(examples, cfg)
 
-    model = student
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+    model = _shard(student, cfg, world, device)
+    fsdp = world > 1 and cfg.parallel == "fsdp"  # then every rank must join each forward, evaluation included
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -301,9 +327,13 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
     ckpt_path = work / "checkpoint.pt"
     start, history, evals = 0, [], []
     if ckpt_path.exists():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        student.load_state_dict(ckpt["student"])
-        opt.load_state_dict(ckpt["optimizer"])
+        o = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(student, ckpt["student"], options=o)
+        set_optimizer_state_dict(student, opt, ckpt["optimizer"], options=o)
         start, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
         reporter.info(f"train-student: resuming from step {start} ({ckpt_path})")
 
@@ -314,47 +344,67 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_acc = kd_acc = ce_acc = 0.0
+        sums = torch.zeros(4, dtype=torch.float64)  # this rank's token-weighted loss, kd, ce; its tokens
         for a in range(cfg.grad_accum):
-            micro = (step * cfg.grad_accum + a) * world + rank  # this process's slice of the global batch
-            batch = {k: v.to(device) for k, v in collate(micro_batch(train_set, micro, cfg.batch_size, cfg.seed),
+            per_rank = cfg.batch_size // world  # this process's slice of the micro-batch one process would take
+            examples = micro_batch(train_set, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed)
+            batch = {k: v.to(device) for k, v in collate(examples[rank * per_rank:(rank + 1) * per_rank],
                                                           pad_id).items()}
-            sync = a == cfg.grad_accum - 1 or world == 1  # all-reduce gradients once per optimizer step
-            with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, cfg):
+            # the micro-batch's loss is a mean over all its response tokens: this rank's mean, weighted by its
+            # share of them (times W, which the gradient averaging divides out) gives one process's gradient
+            n_local = int((batch["labels"][:, 1:] != IGNORE).sum())
+            n_all = torch.tensor([n_local], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(n_all)
+            weight = n_local * world / n_all.item()
+            sync = a == cfg.grad_accum - 1 or world == 1  # reduce gradients once per optimizer step
+            if fsdp:
+                student.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or fsdp else model.no_sync()), _autocast(device, cfg):
                 rows, targets, t_rows = _forward(model, teacher if cfg.alpha > 0 else None, batch)
                 loss, kd, ce = distill_loss(rows, targets, cfg.alpha, cfg.temperature, t_rows,
                                             batch.get("top_ids"), batch.get("top_lp"), cfg.kd_tail)
-                (loss / cfg.grad_accum).backward()
-            loss_acc += loss.item() / cfg.grad_accum
-            kd_acc += kd.item() / cfg.grad_accum
-            ce_acc += ce.item() / cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
+                (loss * weight / cfg.grad_accum).backward()
+            share = n_local / n_all.item() / cfg.grad_accum
+            sums += torch.tensor([loss.item() * share, kd.item() * share, ce.item() * share,
+                                  int(batch["attention_mask"].sum())], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        loss_acc, kd_acc, ce_acc = sums[:3].tolist()
+        tokens += int(sums[3])
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": loss_acc, "kd": kd_acc, "ce": ce_acc, "lr": lr,
                         "grad_norm": grad_norm})
         reporter.update(loss=loss_acc, kd=kd_acc, ce=ce_acc, lr=lr,
-                        tok_s=tokens * world / max(time.perf_counter() - t0, 1e-9))
-        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                        tok_s=tokens / max(time.perf_counter() - t0, 1e-9))
+        if (rank == 0 or fsdp) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             evals.append({"step": step + 1, **evaluate(student, teacher, held_out, cfg, device, pad_id)})
-        if rank == 0 and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            work.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_name("checkpoint.pt.part")
-            torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                        "history": history, "evals": evals}, tmp)
-            os.replace(tmp, ckpt_path)  # a kill mid-save leaves the previous checkpoint whole
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            model_state, opt_state = _full_state(student, opt)
+            if rank == 0:
+                work.mkdir(parents=True, exist_ok=True)
+                tmp = ckpt_path.with_name("checkpoint.pt.part")
+                torch.save({"student": model_state, "optimizer": opt_state, "step": step + 1,
+                            "history": history, "evals": evals}, tmp)
+                os.replace(tmp, ckpt_path)  # a kill mid-save leaves the previous checkpoint whole
 
     train_s = time.perf_counter() - t0  # includes the periodic held-out evaluations and checkpoints
+    # each rank's own copy under DDP; the gathered whole under FSDP (a collective: every rank runs it)
+    final_state = _full_state(student)[0] if fsdp else None
+    weights = [final_state[n] if fsdp else p for n, p in student.named_parameters()]
     summary = {"steps": cfg.steps, "resumed_from_step": start, "world_size": world,
-               # every process's tokens (padding excluded) over the loop's wall time
-               "tokens_per_s": round(tokens * world / max(train_s, 1e-9), 1),
+               "parallel": cfg.parallel if world > 1 else "none",
+               # every process's tokens (padding excluded, summed over the ranks) over the loop's wall time
+               "tokens_per_s": round(tokens / max(train_s, 1e-9), 1),
                "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda"
                else None,
                "student_layers": student.config.num_hidden_layers,
-               "student_params": sum(p.numel() for p in student.parameters()),
+               "student_params": sum(p.numel() for p in weights),
                # float64 sum of every weight: equal across torchrun ranks iff DDP kept them in sync
-               "param_fingerprint": float(sum(p.detach().double().sum() for p in student.parameters())),
+               "param_fingerprint": float(sum(p.detach().double().sum() for p in weights)),
                "train_rows": len(train_set), "eval_rows": len(held_out), "final_loss": history[-1]["loss"],
                "alpha": cfg.alpha, "temperature": cfg.temperature,
                "kd_source": cfg.kd_source if cfg.alpha > 0 else "none (sequence distillation)"}
@@ -362,7 +412,7 @@ def _train(cfg, out_dir, inputs, reporter, teacher_cfg, device_arg, world, rank)
         summary.update({k: v for k, v in evals[-1].items() if k != "step"})
         summary["tables"] = {"train-student: held-out evaluation": evals}
         student.config.use_cache = True
-        student.save_pretrained(out_dir)
+        student.save_pretrained(out_dir, state_dict=final_state)
         tok.save_pretrained(out_dir)
         (out_dir / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     return summary  # the driver removes the work dir (checkpoint) once the artifact is in place

@@ -20,6 +20,7 @@ import torch
 from ..artifacts import is_artifact, read_artifact
 from ..config import EvaluateConfig, ModelConfig
 from ..data import load_text
+from ..distributed import process_group
 from ..errors import UserError
 from ..models import is_quantized_dir, load_model, resolve_model
 from ..progress import Reporter
@@ -110,9 +111,9 @@ def _stored_result(path: Path, cfg: EvaluateConfig, role: str) -> dict:
 
 
 def evaluate_model(model_cfg: ModelConfig, role: str, cfg: EvaluateConfig, reporter: Reporter,
-                   text_cache: dict) -> dict:
+                   text_cache: dict, device: Optional[str] = None) -> dict:
     reporter.info(f"evaluate: {role} {model_cfg.name}")
-    model, tok = load_model(model_cfg)
+    model, tok = load_model(model_cfg, device=device)
     try:
         result = {"role": role, **describe(model, model_cfg)}
         if cfg.ppl.enabled:
@@ -141,6 +142,12 @@ def evaluate_model(model_cfg: ModelConfig, role: str, cfg: EvaluateConfig, repor
 
 
 def run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter) -> dict:
+    """Under torchrun the perplexity windows are split across the ranks (tasks and speed run on every rank)."""
+    with process_group() as ranks:
+        return _run(cfg, out_dir, inputs, reporter, ranks.device)
+
+
+def _run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter, device: Optional[str]) -> dict:
     require_measurements(cfg)
     check_tasks(cfg.tasks.names, cfg.tasks.data_dir, cfg.tasks.include_path)
     candidate = inputs.model or cfg.model
@@ -157,8 +164,8 @@ def run(cfg: EvaluateConfig, out_dir: Path, inputs, reporter: Reporter) -> dict:
     results = []
     for role, mcfg, stored in resolved:
         results.append(_stored_result(stored, cfg, role) if stored is not None
-                       else evaluate_model(mcfg, role, cfg, reporter, text_cache))
-    results.append(evaluate_model(candidate, "candidate", cfg, reporter, text_cache))
+                       else evaluate_model(mcfg, role, cfg, reporter, text_cache, device))
+    results.append(evaluate_model(candidate, "candidate", cfg, reporter, text_cache, device))
     _unique_labels(results)
 
     base = next((r for r in results if r["role"] == "baseline"), None)

@@ -10,6 +10,9 @@ scored token sees at least seq_len - stride tokens of context.
     bits per byte  = sum NLL / (ln 2 * UTF-8 bytes covered)  (lm-eval's bits_per_byte)
 
 NLL is in nats. Words and bytes are counted over the text the scored windows cover.
+
+Under torchrun the window batches are dealt round-robin to the ranks; every batch's NLL is gathered and summed
+in batch order, so N ranks report exactly the numbers one process does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..distributed import gather_in_order, rank, world_size
 from ..progress import Reporter
 
 DEFAULT_SEQ_LEN = 2048
@@ -115,8 +119,9 @@ def perplexity(model, tokenizer, text: str, *, seq_len: int = DEFAULT_SEQ_LEN, s
             groups.append([w])
     keep_arg = keeps_logits(model)
 
-    nll_sum, scored = 0.0, 0
-    for group in reporter.track(groups, total=len(groups), description="perplexity"):
+    mine = groups[rank()::world_size()]
+    parts, nll_sum, scored = [], 0.0, 0
+    for group in reporter.track(mine, total=len(mine), description="perplexity"):
         length, offset = group[0][1] - group[0][0], group[0][2] - group[0][0]
         batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
         # logits at position t predict token t+1, so scoring tokens offset..length-1 needs positions offset-1..
@@ -125,9 +130,15 @@ def perplexity(model, tokenizer, text: str, *, seq_len: int = DEFAULT_SEQ_LEN, s
         targets = batch[:, offset:]
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                               reduction="sum")
-        nll_sum += nll.item()
-        scored += targets.numel()
+        parts.append((nll.item(), targets.numel()))
+        nll_sum += parts[-1][0]
+        scored += parts[-1][1]
         reporter.update(ppl=math.exp(nll_sum / scored))
+    # the one-process sum, in the one-process order (float addition is not associative)
+    nll_sum, scored = 0.0, 0
+    for nll, n in gather_in_order(parts, len(groups)):
+        nll_sum += nll
+        scored += n
 
     covered = _covered_text(text, tokenizer, enc, wins[-1][1])
     n_words = len([w for w in re.split(r"\s+", covered) if w])
