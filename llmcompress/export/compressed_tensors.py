@@ -233,8 +233,27 @@ def read_llmc_checkpoint(src: Path) -> tuple[dict, dict, dict[str, tuple[int, in
     return config, qc, shapes
 
 
+def experts_problem(qc: dict) -> Optional[str]:
+    """MoE experts we stored as 3-D parameters (`<experts>.gate_up_proj.<e>`, quant/experts.py): compressed-tensors
+    (llm-compressor, and transformers 5's loader, which decompresses such experts into its fused 3-D ones) describes
+    experts as one Linear per expert and projection (`<experts>.<e>.gate_proj` / `up_proj` / `down_proj`; Mixtral's
+    hub checkpoints `w1` / `w3` / `w2`), a layout this export does not write (nor ct_import read)."""
+    experts = sorted(qc.get("experts") or {})
+    if not experts:
+        return None
+    return (f"quantization_config.experts: {experts[0]!r}: MoE experts stored as 3-D parameters have no "
+            f"compressed-tensors layout this export writes (it describes experts as one Linear per expert "
+            f"and projection, <experts>.<e>.<proj>); nearest that works: exclude the experts "
+            f"(exclude: ['*.mlp.experts*']) and export the rest")
+
+
 def problem(src: Path) -> Optional[str]:
     """Why the quantize artifact at `src` cannot be written as compressed-tensors, or None (no work done)."""
+    from llmcompress.quant.checkpoint import read_quantization_config
+
+    why = experts_problem(read_quantization_config(src))
+    if why:
+        return why
     _, qc, shapes = read_llmc_checkpoint(src)
     return ct_problem(qc["modules"], {n: shapes[n][1] for n in qc["modules"]})
 
@@ -242,11 +261,11 @@ def problem(src: Path) -> Optional[str]:
 def write(src: Path, out: Path) -> dict:
     """Write the quantize artifact at `src` as a compressed-tensors model directory `out` (which must exist).
     Returns a summary for the manifest."""
-    config, qc, shapes = read_llmc_checkpoint(src)
-    modules = qc["modules"]
-    why = ct_problem(modules, {n: shapes[n][1] for n in modules})
+    why = problem(src)
     if why:
         raise UserError(f"{src}: {why}")
+    config, qc, shapes = read_llmc_checkpoint(src)
+    modules = qc["modules"]
     kv = qc.get("config", {}).get("kv_cache")
     from llmcompress.quant.checkpoint import weights_file
 
