@@ -19,15 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import RankingConfig, TrainStudentConfig
 from ..data import sample_rows
 from ..errors import UserError
 from ..models import load_model
-from .task_student import (Classifier, _latency_ms, check_layers, classification_loss, encode_texts, make_student,
-                           save_classifier)
-from .train import lr_at, micro_batch
+from .task_student import (Classifier, _latency_ms, check_layers, encode_texts, make_student, save_classifier,
+                           train_on_teacher_scores)
 
 
 def read_rows(data_cfg, r: RankingConfig, seed: int, n_candidates: int | None) -> list[dict]:
@@ -113,29 +111,8 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
         e["t_scores"] = s
 
     student = make_student(teacher, list(r.layers), 1)
-    student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dev = teacher.device
-    history = []
-    for step in reporter.track(range(cfg.steps), total=cfg.steps, description="training ranker"):
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_acc = 0.0
-        for a in range(cfg.grad_accum):
-            batch = micro_batch(train, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed)
-            z = student_scores(student, tok, batch, r.train.max_length)
-            s_t = torch.stack([e["t_scores"] for e in batch]).to(dev)
-            gold = torch.tensor([-1 if e["gold"] is None else e["gold"] for e in batch], device=dev)
-            loss = classification_loss(z, s_t, gold, cfg.alpha, cfg.temperature)
-            (loss / cfg.grad_accum).backward()
-            loss_acc += loss.item() / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss_acc, "lr": lr})
-        reporter.update(loss=loss_acc, lr=lr)
+    history = train_on_teacher_scores(student, train, cfg, teacher.device, reporter, "training ranker",
+                                      lambda batch: student_scores(student, tok, batch, r.train.max_length))
 
     student.eval()
     with torch.no_grad():

@@ -33,6 +33,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,6 @@ from ..config import ClassificationConfig, TrainStudentConfig
 from ..data import sample_rows
 from ..errors import UserError
 from ..models import load_model
-from .losses import kd_full
 from .train import _layer_prefix, lr_at, micro_batch
 
 
@@ -188,6 +188,35 @@ def classification_loss(z_s: torch.Tensor, s_t: torch.Tensor, gold: torch.Tensor
     return per_row.mean()
 
 
+def train_on_teacher_scores(student: Classifier, train: list[dict], cfg: TrainStudentConfig, dev, reporter,
+                            description: str, scores: Callable[[list[dict]], torch.Tensor]) -> list[dict]:
+    """The task students' training loop: AdamW on the student's trainable weights, cfg's learning-rate schedule,
+    gradient accumulation and clipping; each micro-batch's loss is classification_loss between scores(batch) and
+    the rows' teacher scores ("t_scores") and gold labels. Returns the per-step history."""
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = []
+    for step in reporter.track(range(cfg.steps), total=cfg.steps, description=description):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_acc = 0.0
+        for a in range(cfg.grad_accum):
+            batch = micro_batch(train, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed)
+            s_t = torch.stack([e["t_scores"] for e in batch]).to(dev)
+            gold = torch.tensor([-1 if e["gold"] is None else e["gold"] for e in batch], device=dev)
+            loss = classification_loss(scores(batch), s_t, gold, cfg.alpha, cfg.temperature)
+            (loss / cfg.grad_accum).backward()
+            loss_acc += loss.item() / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": loss_acc, "lr": lr})
+        reporter.update(loss=loss_acc, lr=lr)
+    return history
+
+
 def save_classifier(model: Classifier, tok, out_dir: Path, labels: list[str], meta: dict) -> None:
     model.backbone.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -239,29 +268,9 @@ def run(cfg: TrainStudentConfig, out_dir: Path, inputs, reporter) -> dict:
         e["t_scores"] = s
 
     student = make_student(teacher, list(c.layers), len(c.labels))
-    student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = []
-    dev = teacher.device
-    for step in reporter.track(range(cfg.steps), total=cfg.steps, description="training classifier"):
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_acc = 0.0
-        for a in range(cfg.grad_accum):
-            batch = micro_batch(train, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed)
-            z_s = student_logits(student, tok, [e["text"] for e in batch], c.train.max_length)
-            s_t = torch.stack([e["t_scores"] for e in batch]).to(dev)
-            gold = torch.tensor([-1 if e["gold"] is None else e["gold"] for e in batch], device=dev)
-            loss = classification_loss(z_s, s_t, gold, cfg.alpha, cfg.temperature)
-            (loss / cfg.grad_accum).backward()
-            loss_acc += loss.item() / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss_acc, "lr": lr})
-        reporter.update(loss=loss_acc, lr=lr)
+    history = train_on_teacher_scores(student, train, cfg, teacher.device, reporter, "training classifier",
+                                      lambda batch: student_logits(student, tok, [e["text"] for e in batch],
+                                                                   c.train.max_length))
 
     student.eval()
     with torch.no_grad():
